@@ -1,0 +1,7 @@
+"""``python -m medalign_platform`` runs the ``medalign`` CLI."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

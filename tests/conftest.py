@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny LLaVA student saved once per session, and batch builders."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PROMPTS = [
+    ("is there a lesion ?", "yes"),
+    ("where is the lesion located in this scan ?", "left upper quadrant"),
+    ("how many lesions ?", "two"),
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory):
+    from medalign_platform.tiny import tiny_student
+
+    return tiny_student(tmp_path_factory.mktemp("tiny_student"))
+
+
+@pytest.fixture(scope="session")
+def random_images():
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)) for _ in range(len(PROMPTS))]
+
+
+def make_batch(processor, images, padding_side: str = "left", with_answers: bool = True) -> dict:
+    """A processor batch with mixed prompt lengths, padding and answer-only labels.
+
+    Labels are -100 on the prompt and on padding, so the answer starts at the first
+    position whose label is not -100.
+    """
+    tokenizer = processor.tokenizer
+    tokenizer.padding_side = padding_side
+    prompts = [f"USER: <image>\n{q} ASSISTANT:" for q, _ in PROMPTS[: len(images)]]
+    texts = [f"{p} {a}</s>" for p, (_, a) in zip(prompts, PROMPTS)] if with_answers else prompts
+    batch = dict(processor(images=images, text=texts, return_tensors="pt", padding=True))
+    if with_answers:
+        labels = torch.full_like(batch["input_ids"], -100)
+        for i, prompt in enumerate(prompts):
+            prompt_len = len(processor(images=images[i], text=prompt, return_tensors="pt")["input_ids"][0])
+            real = batch["attention_mask"][i].nonzero().flatten()
+            start = int(real[0]) + prompt_len
+            end = int(real[-1]) + 1
+            labels[i, start:end] = batch["input_ids"][i, start:end]
+        batch["labels"] = labels
+    return batch
+
+
+@dataclass
+class FakeTeacherTargets:
+    """Native-grid teacher outputs with the TeacherOutputs fields (random, for losses)."""
+
+    patch_tokens: torch.Tensor
+    cls_attention: torch.Tensor
+    grid: tuple[int, int]
+
+
+def random_teacher_targets(batch_size: int, grid=(4, 4), width: int = 32, seed: int = 0) -> FakeTeacherTargets:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch_size, grid[0] * grid[1], width, generator=generator)
+    attention = torch.softmax(torch.randn(batch_size, grid[0] * grid[1], generator=generator), dim=-1)
+    return FakeTeacherTargets(tokens, attention, grid)
