@@ -129,7 +129,7 @@ def test_distillation_terms_fall_when_optimised(setup):
     first = None
     for _ in range(15):
         terms = objective(batch, teacher)
-        first = first or {k: float(v) for k, v in terms.items()}
+        first = first or {k: float(v.detach()) for k, v in terms.items()}
         optimiser.zero_grad()
         terms["loss"].backward()
         optimiser.step()
