@@ -214,3 +214,16 @@ def test_generation_runs_through_the_tap(student, random_images):
         tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert tokens.shape == (2, batch["input_ids"].shape[1] + 3)
     tap.remove()
+
+
+def test_missing_prompt_text_after_the_image_is_a_clear_error(student, random_images):
+    model, processor = student
+    batch = dict(processor(images=random_images[:1], text=["USER: <image>"], return_tensors="pt"))
+    batch["labels"] = batch["input_ids"].clone()  # the answer starts right after the image
+    batch["labels"][:, : int(batch["input_ids"].shape[1]) - 2] = -100
+    tap = DistillationTap(model, 2)
+    with pytest.raises(ValueError, match="no prompt text after the image.*lambda_attn=0"):
+        model(**batch)
+    tap.remove()
+    DistillationTap(model, 2, capture_attention=False)  # without attention capture it is fine
+    model(**batch)

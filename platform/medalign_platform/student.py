@@ -338,6 +338,17 @@ class TapOutputs:
     query_counts: torch.Tensor | None  # [B] number of text query rows averaged per sample
 
 
+@dataclass
+class _Span:
+    """Token layout of the current batch, located once at the model's entry."""
+
+    positions: torch.Tensor  # [B, N] visual span
+    attention_mask: torch.Tensor | None  # [B, T]
+    query_positions: torch.Tensor | None = None  # [B, Q] text query rows, padded to the batch max
+    query_valid: torch.Tensor | None = None  # [B, Q] which of those rows are real
+    query_counts: torch.Tensor | None = None  # [B]
+
+
 class DistillationTap:
     """Forward hooks that steer and capture the student at decoder layer ``L``.
 
@@ -378,7 +389,7 @@ class DistillationTap:
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and layer_types[layer] != "sliding_attention":
             self._sliding_window = None
-        self._span: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
+        self._span: _Span | None = None
         self.outputs: TapOutputs | None = None
         self._handles = [
             base_model(model).register_forward_pre_hook(self._locate_span, with_kwargs=True),
@@ -400,6 +411,8 @@ class DistillationTap:
     # The hooks ----------------------------------------------------------------------
 
     def _locate_span(self, module, args, kwargs):
+        # Everything data-dependent (span search, checks, the query count) happens here, at
+        # the model's entry, so the decoder loop holds no graph break under torch.compile.
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._span = None
         self.outputs = None
@@ -407,53 +420,57 @@ class DistillationTap:
             return None
         positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
         attention_mask = kwargs.get("attention_mask")
-        queries = text_query_mask(positions, attention_mask, kwargs.get("labels"), input_ids.shape[1])
-        self._span = (positions, queries, attention_mask)
+        span = _Span(positions=positions, attention_mask=attention_mask)
+        if self.capture_attention:
+            queries = text_query_mask(positions, attention_mask, kwargs.get("labels"), input_ids.shape[1])
+            counts = queries.sum(1)
+            if bool((counts == 0).any()):
+                empty = torch.nonzero(counts == 0).flatten().tolist()
+                raise ValueError(
+                    f"samples {empty[:8]} have no prompt text after the image, so block {self.layer}'s "
+                    "text-to-image attention is undefined; put the question after <image> or set "
+                    "distill.lambda_attn=0."
+                )
+            num_queries = int(counts.max())
+            span.query_positions = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :num_queries]
+            span.query_valid = torch.arange(num_queries, device=counts.device)[None, :] < counts[:, None]
+            span.query_counts = counts
+        self._span = span
         return None
 
     def _at_layer(self, module, args, kwargs):
         if self._span is None:
             return None
-        positions, queries, attention_mask = self._span
+        span = self._span
         hidden = args[0] if args else kwargs["hidden_states"]
         if self.steer is not None:
-            index = positions[:, :, None].expand(-1, -1, hidden.shape[-1])
+            index = span.positions[:, :, None].expand(-1, -1, hidden.shape[-1])
             hidden = hidden.scatter_add(1, index, self.steer(hidden.gather(1, index)))
             if args:
                 args = (hidden, *args[1:])
             else:
                 kwargs = {**kwargs, "hidden_states": hidden}
-        visual = _gather_tokens(hidden, positions)
-        attention = counts = None
+        visual = _gather_tokens(hidden, span.positions)
+        attention = None
         if self.capture_attention:
-            attention, counts = self._text_to_image_attention(
-                hidden, positions, queries, attention_mask, kwargs["position_embeddings"]
-            )
-        self.outputs = TapOutputs(visual_states=visual, attention=attention, query_counts=counts)
+            attention = self._text_to_image_attention(hidden, span, kwargs["position_embeddings"])
+        self.outputs = TapOutputs(visual_states=visual, attention=attention, query_counts=span.query_counts)
         return args, kwargs
 
-    def _text_to_image_attention(self, hidden, visual_positions, queries, attention_mask, position_embeddings):
+    def _text_to_image_attention(self, hidden, span: "_Span", position_embeddings) -> torch.Tensor:
         """Block L's attention probabilities, text queries to visual keys.
 
         Recomputes ``softmax(q k^T * scale)`` exactly as eager attention does, but only for
         the query rows that are needed: ``[B, heads, Q, T]`` with ``Q`` the prompt text.
 
         Returns:
-            ``([B, N] attention averaged over heads and query rows, [B] query counts)``.
+            ``[B, N]`` attention averaged over heads and query rows.
         """
         block = self.block
         attn = block.self_attn
         batch, seq_len, _ = hidden.shape
-        counts = queries.sum(1)
-        if bool((counts == 0).any()):
-            empty = torch.nonzero(counts == 0).flatten().tolist()
-            raise ValueError(
-                f"samples {empty[:8]} have no prompt text after the image, so block {self.layer}'s text-to-image "
-                "attention is undefined; put the question after <image> or set distill.lambda_attn=0."
-            )
-        num_queries = int(counts.max())
-        query_positions = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :num_queries]
-        query_valid = torch.arange(num_queries, device=hidden.device)[None, :] < counts[:, None]  # [B, Q]
+        query_positions, query_valid = span.query_positions, span.query_valid  # [B, Q]
+        num_queries = query_positions.shape[1]
 
         normed = block.input_layernorm(hidden)
         head_dim = attn.head_dim
@@ -473,13 +490,13 @@ class DistillationTap:
         allowed = keys[None, None, :] <= query_positions[:, :, None]  # causal, [B, Q, T]
         if self._sliding_window:
             allowed = allowed & (keys[None, None, :] > query_positions[:, :, None] - self._sliding_window)
-        if attention_mask is not None:
-            allowed = allowed & attention_mask.bool()[:, None, :]
+        if span.attention_mask is not None:
+            allowed = allowed & span.attention_mask.bool()[:, None, :]
         # Padding rows (Q is the batch maximum) must not be all -inf, or softmax gives NaN.
         allowed = allowed | ~query_valid[:, :, None]
         scores = scores.masked_fill(~allowed[:, None], float("-inf"))
         probs = F.softmax(scores, dim=-1)
-        visual = probs.gather(-1, visual_positions[:, None, None, :].expand(-1, probs.shape[1], num_queries, -1))
+        visual = probs.gather(-1, span.positions[:, None, None, :].expand(-1, probs.shape[1], num_queries, -1))
         per_query = visual.mean(dim=1)  # [B, Q, N], averaged over heads
         per_query = per_query.masked_fill(~query_valid[:, :, None], 0.0)
-        return per_query.sum(dim=1) / counts[:, None], counts
+        return per_query.sum(dim=1) / span.query_counts[:, None]
