@@ -213,6 +213,11 @@ def test_generation_runs_through_the_tap(student, random_images):
     with torch.no_grad():
         tokens = model.generate(**batch, max_new_tokens=3, do_sample=False)
     assert tokens.shape == (2, batch["input_ids"].shape[1] + 3)
+    # The capture left after generate() is the prefill's: the prompt's attention at layer L.
+    prefill = tap.pop()
+    with torch.no_grad():
+        model(**batch)
+    assert torch.allclose(prefill.attention, tap.pop().attention, atol=1e-6)
     tap.remove()
 
 

@@ -415,9 +415,10 @@ class DistillationTap:
         # the model's entry, so the decoder loop holds no graph break under torch.compile.
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._span = None
-        self.outputs = None
         if input_ids is None or not bool((input_ids == self.image_token_id).any()):
+            # Keep the last capture: during generate() it is the prefill's, taken on the prompt.
             return None
+        self.outputs = None
         positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
         attention_mask = kwargs.get("attention_mask")
         span = _Span(positions=positions, attention_mask=attention_mask)
