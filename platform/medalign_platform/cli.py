@@ -9,20 +9,21 @@ receive plain dicts. ``python -m medalign_platform ...`` is the same program, so
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
 from . import __version__
 
-# Subcommand -> (help, the issue that delivers it). Unbuilt ones fail loudly, never silently.
+# Subcommand -> (help, the issue that delivers it, built yet?).
 SUBCOMMANDS = {
-    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3),
-    "train": ("Run one MedAlign distillation on Ray Train.", 4),
-    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5),
-    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5),
-    "status": ("Leaderboard and best configuration of an experiment directory.", 5),
-    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5),
-    "export": ("Export a run's LoRA adapter and steer weights for peft.", 4),
+    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3, True),
+    "train": ("Run one MedAlign distillation on Ray Train.", 4, True),
+    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, False),
+    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, False),
+    "status": ("Leaderboard and best configuration of an experiment directory.", 5, False),
+    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, False),
+    "export": ("Export a run's LoRA adapter and steer weights for peft.", 4, True),
 }
 
 
@@ -44,25 +45,79 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medalign-platform {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, _) in SUBCOMMANDS.items():
+    for name, (help_text, _, _) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
         if name in ("status", "dashboard", "export"):
             sub.add_argument("path", nargs="?", help="experiment or run directory")
+        if name == "export":
+            sub.add_argument("--out", required=False, help="directory to write the adapter to")
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
     return parser
+
+
+def _prepare(args) -> int:
+    from .prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
+
+    options = parse_overrides(args.overrides)
+    dataset = options.pop("data", None)
+    if dataset != "synthmed":
+        raise SystemExit(f"medalign prepare: only data=synthmed can be prepared (got data={dataset!r})")
+    try:
+        settings = SynthMedPrepareSettings(**options)
+    except TypeError as error:
+        raise SystemExit(f"medalign prepare: {error}; valid keys: seed, n_train, n_val, n_test, cache_dir, progress")
+    prepared = prepare_synthmed(settings)
+    teacher, student = prepared.teacher_metrics, prepared.student_metrics
+    print(f"SynthMed ready in {synthmed_root(settings.cache_dir)}")
+    print(f"  data:    {prepared.data_dir}")
+    print(f"  teacher: {prepared.teacher_dir}  R@1 (image->text, {teacher.get('n_pairs')} test pairs) = "
+          f"{teacher.get('r_at_1', float('nan')):.3f}, CLS attention lift on lesions = "
+          f"{teacher.get('attention_lift', float('nan')):.2f}x")
+    print(f"  student: {prepared.student_dir}  val closed accuracy = {student.get('closed_accuracy', float('nan')):.3f}, "
+          f"open recall = {student.get('open_recall', float('nan')):.3f}")
+    return 0
+
+
+def _train(args) -> int:
+    from .run import train_run
+
+    result = train_run(args.overrides)
+    print(json.dumps(result, indent=2, sort_keys=True))
+    return 0
+
+
+def _export(args) -> int:
+    from .export import export_run
+
+    if not args.path or not args.out:
+        raise SystemExit("usage: medalign export RUN_DIR --out DIR")
+    out = export_run(args.path, args.out)
+    print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
+          "or medalign_platform.export.load_exported")
+    return 0
+
+
+HANDLERS = {"prepare": _prepare, "train": _train, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parse_overrides(args.overrides)  # reject malformed overrides before anything else
-    _, issue = SUBCOMMANDS[args.command]
-    print(
-        f"medalign {args.command}: not built yet (tracked in issue #{issue}). "
-        "Available now: the MedAlign library (medalign_platform.losses, .teacher, .target_cache, "
-        ".student, .objective, .tiny) and benchmarks/step_bench.py.",
-        file=sys.stderr,
-    )
-    return 2
+    _, issue, built = SUBCOMMANDS[args.command]
+    if not built:
+        print(
+            f"medalign {args.command}: not built yet (tracked in issue #{issue}). "
+            "Available now: prepare, train, export and the MedAlign library.",
+            file=sys.stderr,
+        )
+        return 2
+    from .config import ConfigError
+
+    try:
+        return HANDLERS[args.command](args)
+    except (ConfigError, FileNotFoundError) as error:
+        print(f"medalign {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

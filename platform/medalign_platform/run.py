@@ -1,0 +1,60 @@
+"""``medalign train``: compose, validate and prepare on the driver, then fit on Ray Train."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import compose_config, dump_config, validate_run_config
+
+
+def resolve_run_config(overrides: Sequence[str]) -> dict:
+    """Composes the config, fills run defaults (name, log dir) and validates it."""
+    config = compose_config(overrides)
+    run = config["run"]
+    if not run.get("name"):
+        run["name"] = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(run["output_dir"]).expanduser().resolve() / run["name"]
+    run["output_dir"] = str(Path(run["output_dir"]).expanduser().resolve())
+    run.setdefault("log_dir", str(run_dir / "tensorboard"))
+    validate_run_config(config)
+    return config
+
+
+def ensure_ray(config: dict) -> None:
+    """Starts (or joins) Ray with worker env vars that keep the hub offline and imports working."""
+    import ray
+
+    from .ray_train import worker_env
+
+    if not ray.is_initialized():
+        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": worker_env()},
+                 log_to_driver=True, configure_logging=False)
+
+
+def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
+    """Runs one MedAlign training on Ray Train and returns its summary.
+
+    Everything that can fail on bad input (config, paths, layer range) fails here, before
+    any Ray resource is requested; teacher targets are computed once into the shared cache.
+    """
+    from .evaluation import load_split, precompute_targets
+    from .ray_train import build_trainer
+
+    config = config or resolve_run_config(overrides)
+    run_dir = Path(config["run"]["output_dir"]) / config["run"]["name"]
+    dump_config(config, run_dir / "config.json")
+    cache = {split: precompute_targets(config["teacher"], load_split(config["data"], split))
+             for split in ("train", "val", "test")}
+    ensure_ray(config)
+    result = build_trainer(config).fit()
+    if result.error is not None:
+        raise result.error
+    return {
+        "run_dir": str(run_dir),
+        "tensorboard": config["run"]["log_dir"],
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
+        "target_cache": cache,
+    }

@@ -1,0 +1,94 @@
+"""Rank-0 TensorBoard logging of one run: scalars, attention images, predictions, hparams."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+NUM_ATTENTION_IMAGES = 4  # fixed val images shown at every evaluation
+
+
+def flat_hparams(config: dict, prefix: str = "") -> dict:
+    """``{"distill/layer": 2, ...}`` from nested config sections; non-scalars become strings."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flat_hparams(value, f"{name}/"))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        elif value is None:
+            flat[name] = "none"
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _heatmap(values: np.ndarray) -> np.ndarray:
+    """``[h, w]`` values in [0, 1] -> ``[h, w, 3]`` uint8, dark blue (low) to yellow (high)."""
+    v = np.clip(values, 0.0, 1.0)[..., None]
+    low, high = np.array([20, 20, 90]), np.array([255, 230, 40])
+    return (low + (high - low) * v).astype(np.uint8)
+
+
+def attention_panel(image: np.ndarray, teacher: torch.Tensor, student: torch.Tensor, grid: tuple[int, int]) -> np.ndarray:
+    """The image, the teacher attention and the student attention side by side, ``[S, 3S, 3]``.
+
+    Args:
+        image: ``[S, S, 3]`` uint8.
+        teacher, student: ``[H*W]`` attention maps on the student's grid.
+    """
+    size = image.shape[0]
+    maps = []
+    for values in (teacher, student):
+        grid_map = values.float().reshape(1, 1, *grid)
+        grid_map = grid_map / grid_map.max().clamp_min(1e-12)
+        resized = F.interpolate(grid_map, size=(size, size), mode="nearest")[0, 0].numpy()
+        maps.append(_heatmap(resized))
+    return np.concatenate([image, *maps], axis=1)
+
+
+class RunLogger:
+    """Writes one run's TensorBoard events (rank 0 only).
+
+    Args:
+        log_dir: this run's event directory.
+        config: the resolved run config, logged as hparams and as text.
+    """
+
+    def __init__(self, log_dir: Path, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(str(self.log_dir))
+        self.config = config
+        self.writer.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flat_hparams(config).items()) + "\n```", 0)
+
+    def scalars(self, step: int, metrics: dict) -> None:
+        for key, value in metrics.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(key, value, step)
+
+    def evaluation(self, step: int, split: str, items, predictions, student_attention, teacher_attention, grid) -> None:
+        """Attention panels for the first items and a table of predictions vs references."""
+        for index in range(min(NUM_ATTENTION_IMAGES, len(items))):
+            image = np.asarray(items[index]["image"].convert("RGB"))
+            panel = attention_panel(image, teacher_attention[index], student_attention[index], grid)
+            self.writer.add_image(f"{split}/attention_{index}", panel, step, dataformats="HWC")
+        rows = ["| question | prediction | reference |", "| --- | --- | --- |"]
+        for item, prediction in list(zip(items, predictions))[:8]:
+            rows.append(f"| {item['question']} | {prediction} | {item['answer']} |")
+        self.writer.add_text(f"{split}/predictions", "\n".join(rows), step)
+
+    def hparams(self, final_metrics: dict) -> None:
+        metrics = {k: v for k, v in final_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        self.writer.add_hparams(flat_hparams({k: self.config[k] for k in ("distill", "lora", "optim", "trainer")}),
+                                metrics, run_name=".")
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
