@@ -109,6 +109,12 @@ def precompute_targets(teacher_config: dict, items: SplitItems, chunk: int = 204
     return {"images": len(unique), "hits": stats.hits, "misses": stats.misses, "corrupt": stats.corrupt}
 
 
+def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
+    """The tap's prefill attention ``[B, N]``; beam search repeats each prompt per beam."""
+    attention = tap.pop().attention.detach().float().cpu()
+    return attention[:: attention.shape[0] // batch_size]
+
+
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
                    num_beams: int = 1, on_predictions: Callable | None = None) -> dict:
     """Answers ``items`` greedily and scores them.
@@ -130,7 +136,7 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
     try:
         predictions = generate_answers(
             model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            on_batch=lambda *_: attentions.append(tap.pop().attention.detach().float().cpu()),
+            on_batch=lambda meta, _: attentions.append(_prompt_attention(tap, len(meta))),
         )
     finally:
         tap.capture_attention = capture

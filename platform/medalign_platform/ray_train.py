@@ -11,10 +11,32 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
 from .training import RunContext, run_training
+
+
+KILL_ENV = "MEDALIGN_TEST_KILL"
+
+
+def kill_hook(rank: int):
+    """Fault injection for tests: ``MEDALIGN_TEST_KILL=RANK:STEP:MARKER`` SIGKILLs that
+    worker's own process once, right after STEP, and leaves MARKER so it happens only once."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    kill_rank, kill_step, marker = spec.split(":", 2)
+    if int(kill_rank) != rank:
+        return None
+
+    def after_step(step: int) -> None:
+        if step == int(kill_step) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_step
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -52,6 +74,7 @@ def train_loop_per_worker(config: dict) -> None:
                 device=ray.train.torch.get_device(),
                 scratch_dir=scratch,
                 logger=logger,
+                after_step=kill_hook(rank),
             ),
         )
     finally:
@@ -94,4 +117,6 @@ def worker_env() -> dict:
     """Environment for Ray workers: offline hub, quiet tokenizers, this source tree importable."""
     source_root = str(Path(__file__).resolve().parents[1])
     path = os.pathsep.join(p for p in (source_root, os.environ.get("PYTHONPATH", "")) if p)
-    return {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    env = {"HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("MEDALIGN_")})
+    return env

@@ -108,6 +108,8 @@ class RunContext:
         device: where this rank computes.
         scratch_dir: where checkpoints are written before they are reported.
         logger: optional rank-0 logger with ``scalars(step, dict)`` etc. (TensorBoard).
+        after_step: optional callback ``(step)`` after each optimiser step's report
+            (fault injection in tests).
     """
 
     report: Callable[[dict, Path | None], None]
@@ -117,6 +119,7 @@ class RunContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     scratch_dir: Path | None = None
     logger: Any = None
+    after_step: Callable[[int], None] | None = None
 
 
 # --------------------------------------------------------------------------- pieces
@@ -361,6 +364,8 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
                 context.logger.scalars(step, metrics)
             context.report(metrics, checkpoint)
             last_metrics = metrics
+        if context.after_step is not None:
+            context.after_step(step)
     if context.logger is not None:
         context.logger.hparams({k: v for k, v in last_metrics.items() if k.startswith(("val/", "test/"))})
     objective.remove()
