@@ -71,7 +71,14 @@ def test_tensorboard_events_hold_scalars_images_text_and_hparams(finished_run):
         images = events.Images(f"val/attention_{index}")
         assert images and images[-1].width == 3 * images[-1].height  # image | teacher | student
     assert any(tag.endswith("predictions/text_summary") for tag in tags["tensors"])
-    assert any("_hparams_" in tag for tag in tags["tensors"])
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    hparams = events.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+    values = session.session_start_info.hparams
+    assert values["distill/layer"].number_value == 2 and values["lora/rank"].number_value == 4
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+    assert "val/closed_accuracy" in {m.name.tag for m in experiment.metric_infos}
 
 
 def test_export_reproduces_the_final_predictions(finished_run, tmp_path):

@@ -85,9 +85,17 @@ class RunLogger:
         self.writer.add_text(f"{split}/predictions", "\n".join(rows), step)
 
     def hparams(self, final_metrics: dict) -> None:
+        """Registers this run with the HParams dashboard.
+
+        The metric tags point at the scalars already logged in this run, so (unlike
+        ``SummaryWriter.add_hparams``) no second run directory or step-0 copies appear.
+        """
+        from torch.utils.tensorboard.summary import hparams
+
         metrics = {k: v for k, v in final_metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        self.writer.add_hparams(flat_hparams({k: self.config[k] for k in ("distill", "lora", "optim", "trainer")}),
-                                metrics, run_name=".")
+        params = flat_hparams({k: self.config[k] for k in ("distill", "lora", "optim", "trainer")})
+        for summary in hparams(params, metrics):
+            self.writer.file_writer.add_summary(summary)
 
     def close(self) -> None:
         self.writer.flush()
