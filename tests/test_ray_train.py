@@ -21,7 +21,7 @@ def finished_run(tmp_path_factory):
     """Trains once with 2 workers, killing rank 1 right after step 3."""
     import ray
 
-    from medalign_platform.run import resolve_run_config, train_run
+    from medalign_platform.cli import main
 
     root = tmp_path_factory.mktemp("ray_run")
     marker = root / "killed"
@@ -31,12 +31,13 @@ def finished_run(tmp_path_factory):
     build_mini_synthmed(root / "cache")
     overrides = ["experiment=synthmed_vqa", *STEPS, "ray.num_workers=2", f"run.output_dir={root / 'runs'}",
                  "run.name=two_workers"]
-    config = resolve_run_config(overrides)
     try:
-        summary = train_run(overrides, config=config)
+        assert main(["train", *overrides]) == 0  # the same path as `medalign train ...`
     finally:
         ray.shutdown()
         patch.undo()
+    summary = json.loads((root / "runs" / "two_workers" / "summary.json").read_text())
+    config = json.loads((root / "runs" / "two_workers" / "config.json").read_text())
     return summary, config, marker
 
 
@@ -84,10 +85,12 @@ def test_tensorboard_events_hold_scalars_images_text_and_hparams(finished_run):
 def test_export_reproduces_the_final_predictions(finished_run, tmp_path):
     from medalign_platform.collate import generate_answers
     from medalign_platform.evaluation import evaluation_items, load_split
-    from medalign_platform.export import export_run, load_exported
+    from medalign_platform.cli import main
+    from medalign_platform.export import load_exported
 
     summary, config, _ = finished_run
-    out = export_run(summary["run_dir"], tmp_path / "export")
+    out = tmp_path / "export"
+    assert main(["export", summary["run_dir"], "--out", str(out)]) == 0
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     model, processor, tap = load_exported(out)
     assert tap is not None  # the run used a low-rank steer adapter

@@ -82,7 +82,11 @@ def _train(args) -> int:
     from .run import train_run
 
     result = train_run(args.overrides)
+    metrics = result["metrics"]
     print(json.dumps(result, indent=2, sort_keys=True))
+    print(f"medalign train: {metrics.get('step')} steps, {metrics.get('perf/samples_per_s', float('nan')):.1f} samples/s, "
+          f"{100 * metrics.get('perf/outside_loop_share', float('nan')):.0f}% of worker wall time outside the training "
+          f"loop; TensorBoard: tensorboard --logdir {result['tensorboard']}", file=sys.stderr)
     return 0
 
 

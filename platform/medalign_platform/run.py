@@ -51,10 +51,12 @@ def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
     result = build_trainer(config).fit()
     if result.error is not None:
         raise result.error
-    return {
+    summary = {
         "run_dir": str(run_dir),
         "tensorboard": config["run"]["log_dir"],
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
         "target_cache": cache,
     }
+    dump_config(summary, run_dir / "summary.json")
+    return summary
