@@ -122,3 +122,15 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(cache_env, tmp_path, m
     config = compose_config(FAST)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at step 0"):
         _run(config, tmp_path)
+
+
+@pytest.mark.slow
+def test_report_experiment_scores_bleu_and_rouge(cache_env, tmp_path):
+    overrides = ["experiment=synthmed_report", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.batch_size=4",
+                 "trainer.val_size=4", "trainer.test_size=4", "trainer.max_new_tokens=6", "lora.rank=4"]
+    config = compose_config(overrides)
+    assert config["data"]["answer_types"] == ["report"]
+    final, _ = _run(config, tmp_path)
+    for key in ("val/report_bleu4", "val/report_rouge_l", "test/report_bleu4", "test/report_rouge_l"):
+        assert 0.0 <= final[key] <= 1.0, key
+    assert final["val/n_report"] == 4 and "val/closed_accuracy" not in final
