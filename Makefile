@@ -18,9 +18,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until `medalign sweep` lands (issue #5) the demo is the tiny step benchmark.
+# Until `medalign sweep` lands (issue #5) the demo is one embedded-default run on Ray Train.
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) benchmarks/step_bench.py --size tiny
+	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign prepare data=synthmed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign train experiment=synthmed_vqa
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
