@@ -79,9 +79,13 @@ def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.perf_counter()
-    summary = build(tmp)
-    info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1)}
-    (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    try:
+        summary = build(tmp)
+        info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1)}
+        (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target, info
