@@ -15,6 +15,7 @@ import argparse
 import json
 import statistics
 import sys
+import textwrap
 import tempfile
 import time
 from pathlib import Path
@@ -68,8 +69,13 @@ def example_grid(data_dir: Path, out: Path, count: int = 8) -> None:
     by_image: dict[str, list[dict]] = {}
     for record in records:
         by_image.setdefault(record["image_id"], []).append(record)
-    chosen = list(by_image)[:count]
-    fig, axes = plt.subplots(2, count // 2, figsize=(4 * count // 2, 9))
+    # A mix of 0, 1 and 2 lesions, so the grid shows every kind of answer.
+    lesions = {image_id: len(np.unique(np.asarray(Image.open(data_dir / items[0]["mask"])))) - 1
+               for image_id, items in list(by_image.items())[:60]}
+    chosen: list[str] = []
+    for wanted in (0, 1, 1, 1, 2, 2, 2, 0):
+        chosen.append(next(i for i in lesions if lesions[i] == wanted and i not in chosen))
+    fig, axes = plt.subplots(2, count // 2, figsize=(4 * count // 2, 11))
     for axis, image_id in zip(axes.flat, chosen):
         items = by_image[image_id]
         image = np.asarray(Image.open(data_dir / items[0]["image"]).convert("RGB"))
@@ -79,13 +85,15 @@ def example_grid(data_dir: Path, out: Path, count: int = 8) -> None:
             axis.contour(mask, levels=[0.5], colors="red", linewidths=1.0)
         lines = []
         for record in items:
-            if record["answer_type"] in ("closed", "open") and len(lines) < 3:
+            if record["answer_type"] in ("closed", "open") and len(lines) < 4:
                 question = record["conversations"][0]["value"].replace("<image>\n", "")
-                lines.append(f"Q: {question}\nA: {record['conversations'][1]['value']}")
+                lines.append(f"Q: {question}  A: {record['conversations'][1]['value']}")
         report = next((r["conversations"][1]["value"] for r in items if r["answer_type"] == "report"), "")
-        axis.set_title("\n".join(lines) + f"\nReport: {report[:60]}", fontsize=7, loc="left")
+        lines += textwrap.wrap(f"Report: {report}", 60)
+        axis.text(0.0, -0.03, "\n".join(lines), transform=axis.transAxes, va="top", fontsize=7, family="monospace")
+        axis.set_title(image_id, fontsize=8)
         axis.axis("off")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.97, bottom=0.12, hspace=0.55, wspace=0.1)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 
