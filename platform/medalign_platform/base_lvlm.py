@@ -63,6 +63,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .build_dirs import move_into_place, replaceable
 from .collate import PROMPT_TEMPLATE, StudentCollator, generate_answers
 from .synthmed import SYNTHMED_WORDS, load_manifest
 
@@ -296,34 +297,13 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
-    if out_dir.exists() and not _replaceable(out_dir):
+    if out_dir.exists() and not replaceable(out_dir, TRAINING_FILE, "base_lvlm"):
         raise FileExistsError(
             f"base LVLM: {out_dir} exists and is not a base-LVLM build (no {TRAINING_FILE} written by "
             "pretrain_base_lvlm); choose an empty or new directory"
         )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     return out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-
-
-def _replaceable(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / TRAINING_FILE).read_text()).get("name") == "base_lvlm"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------ training
@@ -467,7 +447,7 @@ def pretrain_base_lvlm(
             "versions": {"torch": torch.__version__},
         }
         (tmp / TRAINING_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -9,7 +9,6 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -75,6 +75,8 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .build_dirs import move_into_place, replaceable
+
 __all__ = [
     "CONTRASTS",
     "DEFAULT_SIZES",
@@ -457,7 +459,7 @@ def generate_synthmed(
         raise ValueError(f"SynthMed: image_size must be an int >= {MIN_IMAGE_SIZE}, got {image_size!r}")
     sizes = _resolve_sizes(n_train, n_val, n_test)
     out_dir = Path(out_dir).resolve()
-    if out_dir.exists() and not _replaceable(out_dir):
+    if out_dir.exists() and not replaceable(out_dir, _MANIFEST, "synthmed"):
         raise FileExistsError(f"SynthMed: {out_dir} exists and is not a SynthMed dataset (no {_MANIFEST} "
                               "from this generator); choose an empty or new directory")
     if workers is None:
@@ -529,34 +531,13 @@ def generate_synthmed(
             "tree_sha256": tree_sha256(tmp),
         }
         (tmp / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     manifest = dict(manifest)
     manifest["generation_seconds"] = round(time.perf_counter() - start, 2)   # not written: keeps bytes stable
     return manifest
-
-
-def _replaceable(path: Path) -> bool:
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
-    try:
-        return json.loads((path / _MANIFEST).read_text()).get("name") == "synthmed"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load_manifest(out_dir: str | os.PathLike) -> dict | None:

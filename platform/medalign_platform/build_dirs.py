@@ -1,0 +1,37 @@
+"""Atomic build directories: build beside the target, then swap it into place.
+
+A build that dies half-way leaves only a hidden temporary sibling, never a half-written
+target, and a rebuild only ever replaces a directory that an earlier build of the same
+kind wrote (recognised by its marker JSON file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def replaceable(path: Path, marker_file: str, name: str) -> bool:
+    """True if ``path`` is absent-or-empty, or holds a ``marker_file`` whose ``name`` is ``name``."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        return json.loads((path / marker_file).read_text()).get("name") == name
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """Renames the finished ``tmp`` build to ``out_dir``, replacing an earlier build."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
