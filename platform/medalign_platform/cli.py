@@ -19,7 +19,7 @@ from . import __version__
 SUBCOMMANDS = {
     "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3, True),
     "train": ("Run one MedAlign distillation on Ray Train.", 4, True),
-    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, False),
+    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, True),
     "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, False),
     "status": ("Leaderboard and best configuration of an experiment directory.", 5, False),
     "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, False),
@@ -90,6 +90,13 @@ def _train(args) -> int:
     return 0
 
 
+def _sweep(args) -> int:
+    from .sweep import run_sweep
+
+    print(json.dumps(run_sweep(args.overrides), indent=2, sort_keys=True, default=str))
+    return 0
+
+
 def _export(args) -> int:
     from .export import export_run
 
@@ -101,7 +108,7 @@ def _export(args) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "export": _export}
+HANDLERS = {"prepare": _prepare, "train": _train, "sweep": _sweep, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -111,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not built:
         print(
             f"medalign {args.command}: not built yet (tracked in issue #{issue}). "
-            "Available now: prepare, train, export and the MedAlign library.",
+            "Available now: prepare, train, sweep, export and the MedAlign library.",
             file=sys.stderr,
         )
         return 2
