@@ -298,6 +298,7 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
     step = state["step"]
     micro = step * trainer.grad_accum  # micro-batches consumed so far, for the exact data position
     loop_seconds, samples = 0.0, 0
+    order_epoch, order = -1, []
     setup_seconds = time.perf_counter() - started
     model.train()
     last_metrics: dict = {}
@@ -307,7 +308,10 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
         totals = {"loss": 0.0, "lm": 0.0, "spatial": 0.0, "attention": 0.0}
         for accum in range(trainer.grad_accum):
             epoch, index = divmod(micro, per_epoch)
-            order = batch_order(len(train_items), trainer.batch_size, trainer.seed, epoch, context.rank, context.world_size)
+            if epoch != order_epoch:  # one permutation per epoch, not per micro-batch
+                order_epoch = epoch
+                order = batch_order(len(train_items), trainer.batch_size, trainer.seed, epoch, context.rank,
+                                    context.world_size)
             items = [train_items[i] for i in order[index]]
             batch, _ = collator(items)
             batch = {k: v.to(device) for k, v in batch.items()}
