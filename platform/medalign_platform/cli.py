@@ -20,9 +20,9 @@ SUBCOMMANDS = {
     "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3, True),
     "train": ("Run one MedAlign distillation on Ray Train.", 4, True),
     "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, True),
-    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, False),
-    "status": ("Leaderboard and best configuration of an experiment directory.", 5, False),
-    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, False),
+    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, True),
+    "status": ("Leaderboard and best configuration of an experiment directory.", 5, True),
+    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, True),
     "export": ("Export a run's LoRA adapter and steer weights for peft.", 4, True),
 }
 
@@ -97,6 +97,28 @@ def _sweep(args) -> int:
     return 0
 
 
+def _ablate_layers(args) -> int:
+    from .ablation import ablate_command
+
+    return ablate_command(args.overrides)
+
+
+def _status(args) -> int:
+    from .results import status_command
+
+    if not args.path:
+        raise SystemExit("usage: medalign status EXP_DIR   (a folder written by medalign sweep or ablate-layers)")
+    return status_command(args.path, args.overrides)
+
+
+def _dashboard(args) -> int:
+    from .dashboard import dashboard_command
+
+    if not args.path:
+        raise SystemExit("usage: medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]")
+    return dashboard_command(args.path, args.overrides)
+
+
 def _export(args) -> int:
     from .export import export_run
 
@@ -108,7 +130,8 @@ def _export(args) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "sweep": _sweep, "export": _export}
+HANDLERS = {"prepare": _prepare, "train": _train, "sweep": _sweep, "ablate-layers": _ablate_layers,
+            "status": _status, "dashboard": _dashboard, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -165,3 +165,32 @@ def prepared_synthmed_record(cache_dir: str | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"SynthMed is not prepared ({path} missing): run `medalign prepare data=synthmed` first")
     return json.loads(path.read_text())
+
+
+def prepare_mini_synthmed(cache_dir: str | Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 12) -> dict:
+    """A miniature prepared SynthMed in ``cache_dir``: small data and tiny *untrained* models.
+
+    For pipeline tests, benchmarks of Ray overhead and job-submission checks, which need
+    the same files in the same places as ``medalign prepare`` but not trained models. It
+    writes the same ``prepared.json`` record, so ``MEDALIGN_CACHE=cache_dir`` makes every
+    ``${synthmed:...}`` config point at it. Takes a few seconds.
+
+    Returns:
+        the record: ``data``, ``teacher``, ``student`` and ``cache`` paths.
+    """
+    from .base_lvlm import base_lvlm_words
+    from .synthmed import generate_synthmed
+    from .tiny_student import tiny_student
+    from .tiny_teacher import tiny_teacher
+
+    root = synthmed_root(str(cache_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "data"
+    generate_synthmed(data, seed=0, n_train=n_train, n_val=n_val, n_test=n_test, workers=1, progress=False)
+    # Teacher grid 4x4 (64 px / 16) vs student grid 8x8: targets are resized, as with real models.
+    teacher = tiny_teacher(root / "teacher", image_size=64, patch_size=16)
+    student = tiny_student(root / "student", words=base_lvlm_words(), image_size=32, patch_size=4)
+    record = {"data": str(data), "teacher": str(teacher), "student": str(student), "cache": str(root),
+              "teacher_metrics": {}, "student_metrics": {}}
+    (root / RECORD_FILE).write_text(json.dumps(record))
+    return record
