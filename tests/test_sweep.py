@@ -61,6 +61,14 @@ def test_overrides_split_into_sweep_settings_and_run_config(stub_config, tmp_pat
     assert settings.storage_url == f"sqlite:///{tmp_path}/synthmed_vqa-smoke/optuna.db"
 
 
+def test_executor_auto_runs_single_worker_trials_inline_and_ddp_trials_on_ray_train(stub_config):
+    assert settings_for([], stub_config)[0].executor == "inline"
+    assert settings_for(["sweep.num_workers=2"], stub_config)[0].executor == "train"
+    assert settings_for(["sweep.executor=train"], stub_config)[0].executor == "train"
+    with pytest.raises(ConfigError, match="inline runs each trial in one process"):
+        settings_for(["sweep.executor=inline", "sweep.num_workers=2"], stub_config)
+
+
 def test_multi_objective_turns_asha_off(stub_config):
     settings, _, _ = settings_for(["sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.modes=[max,max]"],
                                   stub_config)
@@ -135,7 +143,7 @@ def test_grid_sampler_walks_the_whole_grid_through_the_tune_searcher(stub_config
 SWEEP = ["experiment=synthmed_vqa", "search=smoke", "trainer.max_steps=6", "trainer.eval_every=2",
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.num_samples=3", "sweep.max_concurrent=2", "sweep.seed=0",
-         "sweep.asha.grace_period=6", "sweep.name=killed"]
+         "sweep.asha.grace_period=6", "sweep.name=killed", "sweep.executor=train"]
 MAX_STEPS = 6
 DRIVER = "import json, sys; from medalign_platform.sweep import run_sweep; run_sweep(json.loads(sys.argv[1]))"
 KILL_TIMEOUT_S = 240
@@ -352,3 +360,37 @@ def test_inline_multi_objective_sweep_runs_without_asha_and_keeps_a_pareto_front
         assert (folder / "tensorboard").is_dir() and (folder / "final.json").is_file()
         assert record["metrics"]["step"] == MAX_STEPS and math.isfinite(record["metrics"]["val/grounding"])
     assert summary["overhead"]["mean_trial_wall_s"] < 60
+
+
+@pytest.fixture(scope="module")
+def inline_trial_killed(tmp_path_factory):
+    """A one-trial inline sweep whose trial process is SIGKILLed right after step 3."""
+    import ray
+    from medalign_platform.sweep import run_sweep
+    from synthmed_fixtures import build_mini_synthmed
+
+    root = tmp_path_factory.mktemp("inline_kill")
+    build_mini_synthmed(root / "cache")
+    marker = root / "killed.pid"
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
+    patch.setenv("MEDALIGN_TEST_KILL", f"0:3:{marker}")
+    kept = [o for o in SWEEP if not o.startswith(("sweep.name=", "sweep.num_samples=", "sweep.executor="))]
+    try:
+        summary = run_sweep([*kept, "sweep.name=crash", "sweep.num_samples=1", f"sweep.output_dir={root / 'sweeps'}"])
+        return summary, root / "sweeps" / "crash", marker
+    finally:
+        ray.shutdown()
+        patch.undo()
+
+
+@pytest.mark.slow
+def test_inline_trial_killed_mid_run_is_retried_by_tune_from_its_last_checkpoint(inline_trial_killed):
+    summary, experiment, marker = inline_trial_killed
+    assert marker.is_file()  # the trial process really died once, after step 3
+    assert summary["trials"] == {"TERMINATED": 1}
+    (record,) = summary_records(experiment)
+    assert record["metrics"]["step"] == MAX_STEPS
+    # The retry started from the step-2 evaluation checkpoint, not from scratch.
+    assert record["metrics"]["perf/start_step"] == 2
+    assert math.isfinite(record["metrics"]["val/closed_accuracy"])

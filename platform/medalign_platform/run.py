@@ -24,12 +24,17 @@ def resolve_run_config(overrides: Sequence[str]) -> dict:
 
 def ensure_ray(config: dict) -> None:
     """Starts (or joins) Ray with worker env vars that keep the hub offline and imports working."""
+    import os
+
     import ray
 
-    from .ray_train import worker_env
+    from .ray_train import train_control_env, worker_env
 
+    control = train_control_env(config["ray"])
+    for key, value in control.items():  # the driver's own TorchTrainer.fit reads them here
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": worker_env()},
+        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": {**worker_env(), **control}},
                  log_to_driver=True, configure_logging=False)
 
 
@@ -41,6 +46,7 @@ def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
     """
     from .evaluation import load_split, precompute_targets
     from .ray_train import build_trainer
+    from .storage import warn_storage
 
     config = config or resolve_run_config(overrides)
     run_dir = Path(config["run"]["output_dir"]) / config["run"]["name"]
@@ -48,6 +54,8 @@ def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
     cache = {split: precompute_targets(config["teacher"], load_split(config["data"], split))
              for split in ("train", "val", "test")}
     ensure_ray(config)
+    # After ensure_ray: the node count decides whether a local output_dir is a problem.
+    warn_storage(config["run"]["output_dir"], config["ray"].get("address"), setting="run.output_dir")
     result = build_trainer(config).fit()
     if result.error is not None:
         raise result.error

@@ -295,7 +295,7 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
     per_epoch = len(batch_order(len(train_items), trainer.batch_size, trainer.seed, 0, context.rank, context.world_size))
-    step = state["step"]
+    step = start_step = state["step"]
     micro = step * trainer.grad_accum  # micro-batches consumed so far, for the exact data position
     loop_seconds, samples = 0.0, 0
     order_epoch, order = -1, []
@@ -363,6 +363,7 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
                 "perf/samples_per_s": samples / max(loop_seconds, 1e-9),
                 "perf/outside_loop_share": 1.0 - loop_seconds / max(wall, 1e-9),
                 "perf/setup_s": setup_seconds,
+                "perf/start_step": start_step,  # > 0: this process resumed from a checkpoint
             })
             if context.logger is not None:
                 context.logger.scalars(step, metrics)
