@@ -91,9 +91,14 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .results import status_report, write_results
     from .sweep import run_sweep
 
-    print(json.dumps(run_sweep(args.overrides), indent=2, sort_keys=True, default=str))
+    summary = run_sweep(args.overrides)
+    experiment_dir = summary["experiment_dir"]
+    print(f"medalign sweep: {summary['num_trials']} trials {summary['trials']} in {summary['wall_s']:.0f} s; "
+          f"early stopping: {summary['early_stopping']}; summary: {experiment_dir}/summary.json", file=sys.stderr)
+    print(status_report(write_results(experiment_dir), 10))
     return 0
 
 

@@ -9,9 +9,12 @@ missing files all raise :class:`ConfigError` naming the key and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 EXPERIMENTS_ENV = "MEDALIGN_EXPERIMENTS"
@@ -44,8 +47,43 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("synthmed", lambda key: str(_synthmed_paths()[key]), use_cache=False)
 
 
+@contextlib.contextmanager
+def experiment_file_overrides(overrides: Sequence[str]) -> Iterator[list[str]]:
+    """``experiment=<path to a .yaml file>`` made composable: yields overrides that select it.
+
+    Hydra only picks ``experiment`` presets from config folders, so the file is copied into
+    a temporary ``experiment/`` folder that is added to ``hydra.searchpath`` (removed on
+    exit). Like the presets, such a file starts with ``# @package _global_`` and may have a
+    ``defaults:`` list of ``override /group: option`` entries. Other overrides pass unchanged.
+
+    Raises:
+        ConfigError: the file does not exist.
+    """
+    overrides = list(overrides)
+    index = next((i for i, text in enumerate(overrides) if text.split("=", 1)[0] == "experiment"), None)
+    value = overrides[index].split("=", 1)[1] if index is not None else ""
+    if not value.endswith((".yaml", ".yml")) and "/" not in value:
+        yield overrides  # a preset name from experiments/experiment/ (or none)
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"experiment={value}: no such file; give an experiment YAML file (e.g. "
+                          f"sweeps/NAME/results/best_experiment.yaml from `medalign status`) or a preset name "
+                          f"from {experiments_dir() / 'experiment'}")
+    with tempfile.TemporaryDirectory(prefix="medalign-experiment-") as folder:
+        option = "file__" + "".join(c if c.isalnum() or c == "_" else "_" for c in path.stem)
+        (Path(folder) / "experiment").mkdir()
+        shutil.copyfile(path, Path(folder) / "experiment" / f"{option}.yaml")
+        overrides[index] = f"experiment={option}"
+        yield [f"hydra.searchpath=[file://{folder}]", *overrides]
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -> dict:
-    """Composes ``experiments/`` with Hydra-style overrides and resolves it to a plain dict."""
+    """Composes ``experiments/`` with Hydra-style overrides and resolves it to a plain dict.
+
+    ``experiment=`` takes a preset name or the path of an experiment YAML file
+    (:func:`experiment_file_overrides`), e.g. the ``best_experiment.yaml`` of a sweep.
+    """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
@@ -53,15 +91,26 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
 
     register_resolvers()
     try:
-        with initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3"):
-            composed = compose(config_name=config_name, overrides=list(overrides))
+        with (experiment_file_overrides(overrides) as composed_overrides,
+              initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3")):
+            composed = compose(config_name=config_name, overrides=composed_overrides)
         return OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"config composition failed: {error}") from error
 
 
 def model_depth(model_path: str) -> int:
-    """Number of LLM decoder layers, read from the checkpoint's config (no weights loaded)."""
+    """Number of LLM decoder layers, read from the checkpoint's config (no weights loaded).
+
+    A local checkpoint's ``config.json`` is read directly: every sweep trial validates its
+    sampled layer with this, and importing transformers just for it costs seconds per trial.
+    """
+    local = Path(model_path).expanduser() / "config.json"
+    if local.is_file():
+        data = json.loads(local.read_text())
+        text = data.get("text_config") or data
+        if isinstance(text.get("num_hidden_layers"), int):
+            return int(text["num_hidden_layers"])
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)

@@ -12,8 +12,12 @@
   (1 worker by default) and reports every evaluation to Tune through
   ``TuneReportCallback``. Training-only reports stay in the trial's TensorBoard.
   ``sweep.executor=inline`` runs the same training loop inside the trial process instead
-  (one worker, Tune checkpoints): no Train controller and worker actors per trial, which
-  cuts the per-trial overhead from ~20-30 s to ~1 s on a 2-core CPU machine.
+  (one worker, Tune checkpoints, Tune retries): no Train controller, worker actor and
+  process group per trial. The default, ``auto``, picks inline for single-worker trials
+  and Ray Train for multi-worker (DDP) ones: a Ray Train run costs ~10-25 s of actor and
+  process-group start-up per trial on a 2-core machine, inline about 1-3 s
+  (``benchmarks/sweep_overhead.py``), and one worker gains nothing from Train's worker
+  group. ``sweep.executor=train`` forces Ray Train trials.
 * Resources: ``sweep.trial_resources`` (e.g. ``{CPU: 1, GPU: 0.5}``) per trial worker.
   With Ray Train trials the workers hold them and the trial actor holds none, so
   ``max_concurrent`` is capped to what a local cluster fits; inline trials hold them
@@ -73,7 +77,8 @@ SWEEP_DEFAULTS: dict = {
     "asha": {"enabled": True, "grace_period": None, "reduction_factor": 3, "max_t": None},
     "trial_resources": None,      # per trial worker, e.g. {CPU: 1, GPU: 0.5} (default: ray.resources_per_worker)
     "num_workers": 1,             # Ray Train workers per trial
-    "executor": "train",          # train: each trial is a Ray Train run | inline: one process per trial (1 worker)
+    "executor": "auto",           # train: each trial a Ray Train run | inline: the loop in the trial actor
+                                  # auto: inline for 1-worker trials, train for multi-worker (DDP) ones
     "resume": False,              # same as resume=true
     "resume_errored": False,      # on resume, continue errored trials from their checkpoints
     "restart_errored": False,     # on resume, restart errored trials from scratch
@@ -264,8 +269,10 @@ def sweep_settings(parsed: dict, base_config: dict, space: SearchSpace,
                        values["num_workers"], resources["GPU"])
 
     executor = values["executor"]
-    if executor not in ("train", "inline"):
-        raise ConfigError(f"sweep.executor={executor!r}; valid: train (a Ray Train run per trial), inline")
+    if executor not in ("auto", "train", "inline"):
+        raise ConfigError(f"sweep.executor={executor!r}; valid: auto, train (a Ray Train run per trial), inline")
+    if executor == "auto":  # see EXECUTORS in the module docstring for the measured trade-off
+        executor = "inline" if values["num_workers"] == 1 else "train"
     if executor == "inline" and values["num_workers"] != 1:
         raise ConfigError("sweep.executor=inline runs each trial in one process: it needs sweep.num_workers=1")
 
@@ -377,7 +384,14 @@ def sweep_trial(config: dict) -> None:
         ray.tune.report(metrics)
     elif config[META_KEY].get("executor", "train") == "inline":
         tick = prepared = time.perf_counter()
-        metrics, replayed = _fit_inline(run_config)
+
+        def record_final(final_metrics: dict) -> None:
+            # Written before the last report reaches Tune: ASHA may stop a trial at its last
+            # rung (step == max_t), and Tune then ends this process before fit returns.
+            _write_json(final_path, _final_record(final_metrics, started, prepared, time.perf_counter() - tick,
+                                                  False, run_config))
+
+        metrics, replayed = _fit_inline(run_config, on_final=record_final)
         fit_seconds = time.perf_counter() - tick
     else:
         from .ray_train import build_trainer
@@ -389,27 +403,37 @@ def sweep_trial(config: dict) -> None:
         if result.error is not None:
             raise result.error
         metrics = _scalars(result.metrics)
-    _write_json(final_path, {
+    _write_json(final_path, _final_record(metrics, started, prepared, fit_seconds, replayed, run_config))
+
+
+def _final_record(metrics: dict, started: float, prepared: float, fit_seconds: float, replayed: bool,
+                  run_config: dict) -> dict:
+    """``final.json`` of a trial: its final metrics and timings (perf_counter seconds)."""
+    return {
         "metrics": metrics,
         "trial_wall_s": time.perf_counter() - started,
         "before_fit_s": prepared - started,
         "fit_s": fit_seconds,
         "replayed": replayed,
         "params": {k: v for k, v in _flat(run_config).items() if k.split(".")[0] in ("distill", "lora", "optim")},
-    })
+    }
 
 
 def _is_evaluation(metrics: dict) -> bool:
     return any(str(k).startswith(("val/", "test/")) for k in metrics)
 
 
-def _fit_inline(run_config: dict) -> tuple[dict, bool]:
+def _fit_inline(run_config: dict, on_final=None) -> tuple[dict, bool]:
     """Runs the training loop in this trial process (``sweep.executor=inline``).
 
     The same :func:`~medalign_platform.training.run_training` as a Ray Train worker runs,
     without a Train controller, worker actor and process group per trial. Checkpoints
     are Tune checkpoints of the trial (each also holds its ``metrics.json``), so a resumed
     sweep continues the trial from its last evaluation.
+
+    Args:
+        run_config: the trial's resolved run config.
+        on_final: called with the final metrics just before they are reported to Tune.
 
     Returns:
         the final metrics and whether they were replayed from a finished checkpoint.
@@ -421,6 +445,7 @@ def _fit_inline(run_config: dict) -> tuple[dict, bool]:
     import ray.tune
     import torch
 
+    from .ray_train import kill_hook
     from .training import RunContext, run_training
 
     scratch = Path(tempfile.mkdtemp(prefix="medalign-trial-"))
@@ -434,9 +459,13 @@ def _fit_inline(run_config: dict) -> tuple[dict, bool]:
             shutil.rmtree(scratch, ignore_errors=True)
             return metrics, True
 
+    max_steps = int(run_config["trainer"]["max_steps"])
+
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         if not _is_evaluation(metrics):
             return  # training scalars go to TensorBoard only (Tune needs the metric in every result)
+        if on_final is not None and metrics.get("step", 0) >= max_steps:
+            on_final(_scalars(metrics))
         tune_checkpoint = None
         if checkpoint_dir is not None:
             (checkpoint_dir / "metrics.json").write_text(json.dumps(_scalars(metrics)))
@@ -454,7 +483,7 @@ def _fit_inline(run_config: dict) -> tuple[dict, bool]:
     try:
         metrics = run_training(run_config, RunContext(
             report=report, resume_from=resume_from, device=torch.device("cuda" if use_cuda else "cpu"),
-            scratch_dir=scratch, logger=logger))
+            scratch_dir=scratch, logger=logger, after_step=kill_hook(0)))
     finally:
         if logger is not None:
             logger.close()
@@ -639,7 +668,10 @@ def _tuner(settings: SweepSettings, space: SearchSpace, base_config: dict, concu
                                     trial_name_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name=settings.name, storage_path=settings.output_dir, verbose=settings.verbose,
-            failure_config=tune.FailureConfig(max_failures=0),
+            # Ray Train trials retry failed workers themselves (ray.max_failures); an inline
+            # trial is retried by Tune from its last Tune checkpoint instead.
+            failure_config=tune.FailureConfig(
+                max_failures=int(base_config["ray"].get("max_failures", 0)) if settings.executor == "inline" else 0),
             checkpoint_config=tune.CheckpointConfig(  # Tune checkpoints: executor=inline only
                 num_to_keep=base_config["ray"].get("num_to_keep"),
                 checkpoint_score_attribute=base_config["ray"].get("checkpoint_score"),
@@ -795,7 +827,11 @@ def trial_records(experiment_dir: Path) -> list[dict]:
             "path": str(folder),
             "config": {k: v for k, v in config.items() if k != META_KEY},
             "trial_wall_s": final.get("trial_wall_s"),
-            "error": str(trial.error_file) if getattr(trial, "error_file", None) else None,
+            "time_total_s": last.get("time_total_s"),  # Tune's trial time at its last result (running trials)
+            # The copy in the trial folder: Trial.error_file is the Ray session's staging copy and
+            # needs ray.init (medalign status reads a sweep from a plain process).
+            "error": (str(folder / trial.run_metadata.error_filename)
+                      if trial.run_metadata.error_filename else None),
         })
     return records
 
@@ -809,7 +845,8 @@ def _overhead(records: list[dict], config: dict) -> dict:
     rows = []
     for record in records:
         metrics = record["metrics"]
-        wall = record.get("trial_wall_s")
+        # Tune's time at the last result when the trial never returned (stopped by ASHA).
+        wall = record.get("trial_wall_s") or record.get("time_total_s")
         speed = metrics.get("perf/samples_per_s")
         share = metrics.get("perf/outside_loop_share")
         if not wall or not speed or share is None or not metrics.get("step"):
@@ -862,7 +899,9 @@ def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: 
                 "all_metrics": {k: v for k, v in top["metrics"].items() if k.startswith(("val/", "test/"))},
                 "path": top["path"]}
 
-    storage = _study_storage(settings)
+    # The study beside sweep.json, not at the recorded path: the folder may have been moved.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{experiment_dir.resolve() / STUDY_FILE}",
+                                         engine_kwargs={"connect_args": {"timeout": 60}})
     study = optuna.load_study(study_name=settings.name, storage=storage)
     # Optuna trials asked by a driver that was killed before Tune saved them never finish: mark them.
     live = counts.get("RUNNING", 0) + counts.get("PENDING", 0)
