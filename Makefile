@@ -18,10 +18,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until `medalign sweep` lands (issue #5) the demo is one embedded-default run on Ray Train.
+# The embedded-default sweep: SynthMed (prepared once, then cached), 8 TPE trials over the
+# MedAlign knobs, ASHA early stopping, 2 trials at a time, a short trainer budget so it ends
+# in minutes on a 2-core laptop. Each run gets its own folder under sweeps/.
+DEMO_NAME ?= demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_ARGS ?= experiment=synthmed_vqa search=medalign_default \
+	trainer.max_steps=90 trainer.eval_every=30 trainer.val_size=100 trainer.test_size=100 \
+	sweep.num_samples=8 sweep.max_concurrent=2 sweep.verbose=0 sweep.name=$(DEMO_NAME)
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign prepare data=synthmed
-	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign train experiment=synthmed_vqa
+	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign sweep $(DEMO_ARGS)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
@@ -31,6 +38,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/step_bench.py --size tiny
+	$(PY) benchmarks/sweep_overhead.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info platform/*.egg-info
