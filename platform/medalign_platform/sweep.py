@@ -741,6 +741,7 @@ def run_sweep(overrides: Sequence[str]) -> dict:
 
     from .evaluation import load_split, precompute_targets
     from .run import ensure_ray
+    from .storage import warn_storage
 
     started = time.time()
     settings, space, base_config = prepare_sweep(overrides)
@@ -770,6 +771,7 @@ def run_sweep(overrides: Sequence[str]) -> dict:
     target_cache = {split: precompute_targets(base_config["teacher"], load_split(base_config["data"], split))
                     for split in ("train", "val", "test")}
     ensure_ray(base_config)
+    warn_storage(settings.output_dir, base_config["ray"].get("address"), setting="sweep.output_dir")
     concurrency = (_cap_concurrency(settings, base_config["ray"].get("address")) if settings.executor == "train"
                    else settings.max_concurrent)  # inline trials hold their resources: Tune schedules them
     if settings.executor == "train" and settings.asha_enabled and not _state_api_available():
