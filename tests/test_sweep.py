@@ -186,11 +186,15 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     except psutil.NoSuchProcess:
         descendants = []
     os.killpg(proc.pid, signal.SIGKILL)
+    # Ray's workers may live in other process groups: kill them at once too, or a trial
+    # keeps training (and checkpointing) while we wait, and is no longer "killed mid-run".
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
     proc.wait(timeout=30)
-    _, alive = psutil.wait_procs(descendants, timeout=20)
-    for process in alive:
-        process.kill()
-    psutil.wait_procs(alive, timeout=10)
+    psutil.wait_procs(descendants, timeout=20)
 
 
 @pytest.fixture(scope="module")
