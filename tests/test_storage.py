@@ -126,3 +126,19 @@ def test_warn_storage_logs_each_warning_once(monkeypatch, tmp_path, caplog, caps
     assert capsys.readouterr().err == f"medalign: warning: {warnings[0]}\n"
     monkeypatch.chdir(tmp_path)
     assert warn_storage("sweeps", None) == []
+
+
+def test_driver_leaves_the_variables_a_submitted_job_sets_to_the_job(monkeypatch):
+    """Inside ``ray job submit`` the job's env vars win; Ray refuses to merge the same key twice."""
+    import json
+
+    from medalign_platform.run import _job_env_vars
+    from medalign_platform.storage import JOB_CONFIG_ENV
+
+    monkeypatch.delenv(JOB_CONFIG_ENV, raising=False)
+    assert _job_env_vars() == {}
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps(
+        {"runtime_env": {"working_dir": "gcs://x.zip", "env_vars": {"HF_HUB_OFFLINE": "1", "PYTHONPATH": "platform"}}}))
+    assert _job_env_vars() == {"HF_HUB_OFFLINE": "1", "PYTHONPATH": "platform"}
+    monkeypatch.setenv(JOB_CONFIG_ENV, "not json")
+    assert _job_env_vars() == {}

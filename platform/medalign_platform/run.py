@@ -34,8 +34,29 @@ def ensure_ray(config: dict) -> None:
     for key, value in control.items():  # the driver's own TorchTrainer.fit reads them here
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
-        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": {**worker_env(), **control}},
+        env_vars = {**worker_env(), **control}
+        for key in _job_env_vars():  # a submitted job's own settings win, and Ray refuses to merge duplicates
+            env_vars.pop(key, None)
+        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": env_vars},
                  log_to_driver=True, configure_logging=False)
+
+
+def _job_env_vars() -> dict:
+    """The ``env_vars`` of the runtime env of the Ray job this driver runs in (``{}`` outside a job).
+
+    Ray merges the job's runtime env with the one passed to ``ray.init`` and fails
+    ("Failed to merge the Job's runtime env") when both set the same variable.
+    """
+    import json
+    import os
+
+    from .storage import JOB_CONFIG_ENV
+
+    try:
+        job = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}") or {}
+    except ValueError:
+        return {}
+    return dict((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
 def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
