@@ -140,11 +140,11 @@ def test_grid_sampler_walks_the_whole_grid_through_the_tune_searcher(stub_config
 
 # --------------------------------------------------------------------------- a real sweep, killed and resumed
 
-SWEEP = ["experiment=synthmed_vqa", "search=smoke", "trainer.max_steps=6", "trainer.eval_every=2",
+SWEEP = ["experiment=synthmed_vqa", "search=smoke", "trainer.max_steps=12", "trainer.eval_every=2",
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.num_samples=3", "sweep.max_concurrent=2", "sweep.seed=0",
-         "sweep.asha.grace_period=6", "sweep.name=killed", "sweep.executor=train"]
-MAX_STEPS = 6
+         "sweep.asha.grace_period=12", "sweep.name=killed", "sweep.executor=train"]
+MAX_STEPS = 12
 DRIVER = "import json, sys; from medalign_platform.sweep import run_sweep; run_sweep(json.loads(sys.argv[1]))"
 KILL_TIMEOUT_S = 240
 
@@ -159,11 +159,17 @@ def _study_trials(db: Path):
         return []
 
 
-def _checkpoint_step(trial: Path) -> int:
-    """The step of the last checkpoint a trial's Ray Train run committed (0: none yet).
+def _checkpoint_step(trial: Path, executor: str = "train") -> int:
+    """The step of the last checkpoint a trial committed (0: none yet).
 
-    Committed means recorded in the run's snapshot, which a restarted run restores from (a
-    checkpoint folder that is uploaded but not yet recorded is not resumed from)."""
+    Ray Train trials: recorded in the run's snapshot, which a restarted run restores from (a
+    checkpoint folder that is uploaded but not yet recorded is not resumed from). Inline
+    trials: the newest complete Tune checkpoint in the trial folder."""
+    if executor == "inline":
+        from medalign_platform.sweep import newest_trial_checkpoint
+
+        newest = newest_trial_checkpoint(trial)
+        return newest[0] if newest else 0
     snapshot = trial / "train" / "checkpoint_manager_snapshot.json"
     try:
         latest = json.loads(snapshot.read_text()).get("latest_checkpoint_result") or {}
@@ -172,9 +178,10 @@ def _checkpoint_step(trial: Path) -> int:
     return int(latest.get("metrics", {}).get("step", 0))
 
 
-def _in_progress(experiment: Path) -> list[Path]:
-    """Trial folders whose Ray Train run has checkpointed but not reached its last step."""
-    return [t for t in experiment.glob("trial_*") if 0 < _checkpoint_step(t) < MAX_STEPS]
+def _in_progress(experiment: Path, executor: str) -> list[Path]:
+    """Trial folders whose run has checkpointed but is at most half-way: the kill then lands
+    well before the run's last checkpoint, even on a fast machine."""
+    return [t for t in experiment.glob("trial_*") if 0 < _checkpoint_step(t, executor) <= MAX_STEPS // 2]
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -197,17 +204,19 @@ def _kill_tree(proc: subprocess.Popen) -> None:
     psutil.wait_procs(descendants, timeout=20)
 
 
-@pytest.fixture(scope="module")
-def killed_and_resumed(tmp_path_factory):
+@pytest.fixture(scope="module", params=["train", "inline"])
+def killed_and_resumed(request, tmp_path_factory):
     """Runs the sweep driver in a subprocess, SIGKILLs it once a trial has finished and another
-    has a checkpoint, then resumes it in this process with ``resume=true``."""
+    has a checkpoint, then resumes it in this process with ``resume=true`` (for both executors)."""
     import ray
     from medalign_platform.sweep import run_sweep
     from synthmed_fixtures import build_mini_synthmed
 
     root = tmp_path_factory.mktemp("sweep")
     build_mini_synthmed(root / "cache")
-    overrides = [*SWEEP, f"sweep.output_dir={root / 'sweeps'}"]
+    executor = request.param
+    overrides = [*(o for o in SWEEP if not o.startswith("sweep.executor=")), f"sweep.executor={executor}",
+                 f"sweep.output_dir={root / 'sweeps'}"]
     experiment = root / "sweeps" / "killed"
     env = {**os.environ, "MEDALIGN_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
     log = (root / "driver.log").open("w")
@@ -221,7 +230,7 @@ def killed_and_resumed(tmp_path_factory):
             if proc.poll() is not None:
                 break
             complete = [t for t in _study_trials(experiment / "optuna.db") if t.state.name == "COMPLETE"]
-            running = _in_progress(experiment)
+            running = _in_progress(experiment, executor)
             if complete and running:
                 before = {
                     "study": {t.user_attrs["tune_trial_id"]: t.values for t in complete},
@@ -229,6 +238,7 @@ def killed_and_resumed(tmp_path_factory):
                               for p in experiment.glob("trial_*/final.json")},
                     "in_progress": [p.name for p in running],
                     "kill_after_s": time.time() - started,
+                    "executor": executor,
                 }
                 break
             time.sleep(0.25)
@@ -237,7 +247,7 @@ def killed_and_resumed(tmp_path_factory):
             _kill_tree(proc)
         log.close()
     if before is not None:  # what the killed runs had saved when they died
-        before["step_at_kill"] = {name: _checkpoint_step(experiment / name) for name in before["in_progress"]}
+        before["step_at_kill"] = {name: _checkpoint_step(experiment / name, executor) for name in before["in_progress"]}
     driver_log = (root / "driver.log").read_text()
     assert before is not None, f"the driver never had a finished and a running trial:\n{driver_log[-5000:]}"
 
@@ -286,8 +296,10 @@ def test_unfinished_trial_continued_from_its_checkpoint(killed_and_resumed):
     for name in before["in_progress"]:
         trial = experiment / name
         assert 0 < before["step_at_kill"][name] < MAX_STEPS  # killed mid-run
-        state = json.loads(max((trial / "train").glob("checkpoint_*/trainer_state.json")).read_text())
-        assert state["step"] == MAX_STEPS and state["evaluations"] == [2, 4, 6]
+        run_folder = trial / "train" if before["executor"] == "train" else trial
+        state = json.loads(max(run_folder.glob("checkpoint_*/trainer_state.json"),
+                               key=lambda p: json.loads(p.read_text())["step"]).read_text())
+        assert state["step"] == MAX_STEPS and state["evaluations"] == list(range(2, MAX_STEPS + 1, 2))
         events = EventAccumulator(str(trial / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         steps = [event.step for event in events.Scalars("train/loss")]

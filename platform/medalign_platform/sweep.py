@@ -451,6 +451,12 @@ def _fit_inline(run_config: dict, on_final=None) -> tuple[dict, bool]:
     scratch = Path(tempfile.mkdtemp(prefix="medalign-trial-"))
     checkpoint = ray.tune.get_checkpoint()
     resume_from = Path(checkpoint.to_directory(str(scratch / "resume"))) if checkpoint is not None else None
+    # Tune restores a trial from the checkpoint its last saved experiment state names, which
+    # can be seconds behind (a killed driver); the trial folder may hold a newer complete one.
+    newest = newest_trial_checkpoint(Path(run_config["run"]["output_dir"]))
+    if newest is not None and newest[0] > _checkpoint_step_of(resume_from):
+        logging.getLogger(__name__).info("resuming from %s (step %d), newer than Tune's restored checkpoint", newest[1], newest[0])
+        resume_from = newest[1]
     if resume_from is not None and (resume_from / "metrics.json").is_file():
         state = json.loads((resume_from / "trainer_state.json").read_text())
         if state["step"] >= int(run_config["trainer"]["max_steps"]):  # finished; only the record was lost
@@ -469,6 +475,7 @@ def _fit_inline(run_config: dict, on_final=None) -> tuple[dict, bool]:
         tune_checkpoint = None
         if checkpoint_dir is not None:
             (checkpoint_dir / "metrics.json").write_text(json.dumps(_scalars(metrics)))
+            _write_manifest(checkpoint_dir)
             tune_checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir))
         ray.tune.report(metrics, checkpoint=tune_checkpoint)
         if checkpoint_dir is not None:  # persisted by Tune
@@ -489,6 +496,44 @@ def _fit_inline(run_config: dict, on_final=None) -> tuple[dict, bool]:
             logger.close()
         shutil.rmtree(scratch, ignore_errors=True)
     return _scalars(metrics), False
+
+
+MANIFEST_FILE = "manifest.json"  # {relative path: size} of an inline trial's checkpoint files
+
+
+def _write_manifest(checkpoint_dir: Path) -> None:
+    files = {str(p.relative_to(checkpoint_dir)): p.stat().st_size for p in checkpoint_dir.rglob("*") if p.is_file()}
+    (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps(files))
+
+
+def _checkpoint_step_of(folder: Path | None) -> int:
+    if folder is None:
+        return -1
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def newest_trial_checkpoint(trial_dir: Path) -> tuple[int, Path] | None:
+    """The highest-step complete Tune checkpoint in an inline trial's folder, as (step, path).
+
+    Complete means every file of its manifest is there with its recorded size: a driver
+    killed while Tune was copying a checkpoint leaves a partial folder, which is skipped.
+    """
+    best = None
+    for folder in trial_dir.glob("checkpoint_*"):
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        if not all((folder / name).is_file() and (folder / name).stat().st_size == size
+                   for name, size in manifest.items()):
+            continue
+        step = _checkpoint_step_of(folder)
+        if step >= 0 and (best is None or step > best[0]):
+            best = (step, folder)
+    return best
 
 
 def _recorded_final_metrics(run_dir: Path, max_steps: int) -> dict | None:
