@@ -300,6 +300,10 @@ def test_unfinished_trial_continued_from_its_checkpoint(killed_and_resumed):
         state = json.loads(max(run_folder.glob("checkpoint_*/trainer_state.json"),
                                key=lambda p: json.loads(p.read_text())["step"]).read_text())
         assert state["step"] == MAX_STEPS and state["evaluations"] == list(range(2, MAX_STEPS + 1, 2))
+        # The resumed process started at the checkpoint it had when it was killed (or a later one
+        # committed during the kill), not from scratch.
+        final_metrics = json.loads((trial / "final.json").read_text())["metrics"]
+        assert 2 <= final_metrics["perf/start_step"] < MAX_STEPS
         events = EventAccumulator(str(trial / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         steps = [event.step for event in events.Scalars("train/loss")]

@@ -717,10 +717,10 @@ def _tuner(settings: SweepSettings, space: SearchSpace, base_config: dict, concu
             # trial is retried by Tune from its last Tune checkpoint instead.
             failure_config=tune.FailureConfig(
                 max_failures=int(base_config["ray"].get("max_failures", 0)) if settings.executor == "inline" else 0),
-            checkpoint_config=tune.CheckpointConfig(  # Tune checkpoints: executor=inline only
-                num_to_keep=base_config["ray"].get("num_to_keep"),
-                checkpoint_score_attribute=base_config["ray"].get("checkpoint_score"),
-                checkpoint_score_order=base_config["ray"].get("checkpoint_mode", "max"))),
+            # Tune checkpoints (executor=inline only): the most recent ray.num_to_keep. Tune,
+            # unlike Ray Train, may delete the latest checkpoint when it keeps the best-scoring
+            # ones, and a resumed trial would then redo steps.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=base_config["ray"].get("num_to_keep"))),
     )
 
 
