@@ -6,10 +6,30 @@ the same files in the same places: :func:`medalign_platform.prepare.prepare_mini
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 
-def build_mini_synthmed(cache_dir: Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 12) -> dict:
+
+@contextlib.contextmanager
+def mini_synthmed_env(cache_dir: Path, **env: str) -> Iterator[dict]:
+    """Prepares a mini SynthMed in ``cache_dir`` and sets ``MEDALIGN_CACHE`` (and ``env``) for the block.
+
+    On exit, Ray is shut down (a run or sweep in the block started it) and the environment
+    is restored. Yields the ``prepared.json`` record.
+    """
+    import ray
     from medalign_platform.prepare import prepare_mini_synthmed
 
-    return prepare_mini_synthmed(cache_dir, n_train=n_train, n_val=n_val, n_test=n_test)
+    record = prepare_mini_synthmed(cache_dir)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDALIGN_CACHE", str(cache_dir))
+    for key, value in env.items():
+        patch.setenv(key, value)
+    try:
+        yield record
+    finally:
+        ray.shutdown()
+        patch.undo()

@@ -33,16 +33,11 @@ TINY = ["experiment=synthmed_vqa", f"trainer.max_steps={MAX_STEPS}", "trainer.ev
 @pytest.fixture(scope="module")
 def mini_cache(tmp_path_factory):
     """A prepared mini SynthMed (untrained 4-layer student), with ``MEDALIGN_CACHE`` pointing at it."""
-    from medalign_platform.prepare import prepare_mini_synthmed
+    from synthmed_fixtures import mini_synthmed_env
 
     cache = tmp_path_factory.mktemp("ablation_cache")
-    prepare_mini_synthmed(cache)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(cache))
-    try:
+    with mini_synthmed_env(cache):
         yield cache
-    finally:
-        patch.undo()
 
 
 def record(trial_id, layer, seed, status="TERMINATED", step=MAX_STEPS, **metrics):

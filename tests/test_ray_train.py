@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from synthmed_fixtures import build_mini_synthmed
+from synthmed_fixtures import mini_synthmed_env
 
 pytestmark = pytest.mark.slow
 
@@ -19,23 +19,14 @@ STEPS = ["trainer.max_steps=6", "trainer.eval_every=2", "trainer.batch_size=4", 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """Trains once with 2 workers, killing rank 1 right after step 3."""
-    import ray
-
     from medalign_platform.cli import main
 
     root = tmp_path_factory.mktemp("ray_run")
     marker = root / "killed"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
-    patch.setenv("MEDALIGN_TEST_KILL", f"1:3:{marker}")
-    build_mini_synthmed(root / "cache")
     overrides = ["experiment=synthmed_vqa", *STEPS, "ray.num_workers=2", f"run.output_dir={root / 'runs'}",
                  "run.name=two_workers"]
-    try:
+    with mini_synthmed_env(root / "cache", MEDALIGN_TEST_KILL=f"1:3:{marker}"):
         assert main(["train", *overrides]) == 0  # the same path as `medalign train ...`
-    finally:
-        ray.shutdown()
-        patch.undo()
     summary = json.loads((root / "runs" / "two_workers" / "summary.json").read_text())
     config = json.loads((root / "runs" / "two_workers" / "config.json").read_text())
     return summary, config, marker

@@ -25,24 +25,19 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STE
 def sweep(tmp_path_factory):
     """One real sweep (4 inline trials, ASHA at step 2 of 4) and ``write_results`` on it."""
     import ray
-    from medalign_platform.prepare import prepare_mini_synthmed
     from medalign_platform.results import write_results
     from medalign_platform.sweep import run_sweep
+    from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("results")
-    prepare_mini_synthmed(root / "cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
-    try:
-        summary = run_sweep([*SWEEP, f"sweep.output_dir={root / 'sweeps'}"])
-    finally:
-        ray.shutdown()
-    experiment = Path(summary["experiment_dir"])
-    try:
+    with mini_synthmed_env(root / "cache"):
+        try:
+            summary = run_sweep([*SWEEP, f"sweep.output_dir={root / 'sweeps'}"])
+        finally:
+            ray.shutdown()  # the tests read the folder as `medalign status` does: without Ray
+        experiment = Path(summary["experiment_dir"])
         yield {"summary": summary, "dir": experiment, "result": write_results(experiment), "root": root,
                "records": {r["trial_id"]: r for r in json.loads((experiment / "summary.json").read_text())["records"]}}
-    finally:
-        patch.undo()
 
 
 def _table(markdown: str) -> list[dict]:

@@ -208,17 +208,21 @@ def _kill_tree(proc: subprocess.Popen) -> None:
 def killed_and_resumed(request, tmp_path_factory):
     """Runs the sweep driver in a subprocess, SIGKILLs it once a trial has finished and another
     has a checkpoint, then resumes it in this process with ``resume=true`` (for both executors)."""
-    import ray
-    from medalign_platform.sweep import run_sweep
-    from synthmed_fixtures import build_mini_synthmed
+    from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("sweep")
-    build_mini_synthmed(root / "cache")
-    executor = request.param
+    with mini_synthmed_env(root / "cache"):
+        return _kill_and_resume(root, request.param)
+
+
+def _kill_and_resume(root: Path, executor: str):
+    """The body of ``killed_and_resumed``, inside the mini-SynthMed environment."""
+    from medalign_platform.sweep import run_sweep
+
     overrides = [*(o for o in SWEEP if not o.startswith("sweep.executor=")), f"sweep.executor={executor}",
                  f"sweep.output_dir={root / 'sweeps'}"]
     experiment = root / "sweeps" / "killed"
-    env = {**os.environ, "MEDALIGN_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     log = (root / "driver.log").open("w")
     started = time.time()
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides)], env=env, stdout=log,
@@ -251,14 +255,8 @@ def killed_and_resumed(request, tmp_path_factory):
     driver_log = (root / "driver.log").read_text()
     assert before is not None, f"the driver never had a finished and a running trial:\n{driver_log[-5000:]}"
 
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
     tick = time.time()
-    try:
-        summary = run_sweep([*overrides, "resume=true"])
-    finally:
-        ray.shutdown()
-        patch.undo()
+    summary = run_sweep([*overrides, "resume=true"])
     before["resume_s"] = time.time() - tick
     print(f"\nsweep killed after {before['kill_after_s']:.0f}s, resumed in {before['resume_s']:.0f}s; "
           f"overhead {json.dumps(summary['overhead'])}")
@@ -343,22 +341,15 @@ def summary_records(experiment: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def inline_multi_objective(tmp_path_factory):
     """An in-process sweep with ``sweep.executor=inline`` over two objectives."""
-    import ray
     from medalign_platform.sweep import run_sweep
-    from synthmed_fixtures import build_mini_synthmed
+    from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("inline")
-    build_mini_synthmed(root / "cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
     kept = [o for o in SWEEP if not o.startswith(("sweep.name=", "sweep.asha."))]
     overrides = [*kept, "sweep.name=pareto", f"sweep.output_dir={root / 'sweeps'}", "sweep.executor=inline",
                  "sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.sampler=nsga2"]
-    try:
+    with mini_synthmed_env(root / "cache"):
         return run_sweep(overrides), root / "sweeps" / "pareto"
-    finally:
-        ray.shutdown()
-        patch.undo()
 
 
 @pytest.mark.slow
@@ -385,23 +376,15 @@ def test_inline_multi_objective_sweep_runs_without_asha_and_keeps_a_pareto_front
 @pytest.fixture(scope="module")
 def inline_trial_killed(tmp_path_factory):
     """A one-trial inline sweep whose trial process is SIGKILLed right after step 3."""
-    import ray
     from medalign_platform.sweep import run_sweep
-    from synthmed_fixtures import build_mini_synthmed
+    from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("inline_kill")
-    build_mini_synthmed(root / "cache")
     marker = root / "killed.pid"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(root / "cache"))
-    patch.setenv("MEDALIGN_TEST_KILL", f"0:3:{marker}")
     kept = [o for o in SWEEP if not o.startswith(("sweep.name=", "sweep.num_samples=", "sweep.executor="))]
-    try:
+    with mini_synthmed_env(root / "cache", MEDALIGN_TEST_KILL=f"0:3:{marker}"):
         summary = run_sweep([*kept, "sweep.name=crash", "sweep.num_samples=1", f"sweep.output_dir={root / 'sweeps'}"])
         return summary, root / "sweeps" / "crash", marker
-    finally:
-        ray.shutdown()
-        patch.undo()
 
 
 @pytest.mark.slow

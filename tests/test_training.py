@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
-from synthmed_fixtures import build_mini_synthmed
-
 from medalign_platform.config import ConfigError, compose_config, validate_run_config
+from medalign_platform.prepare import prepare_mini_synthmed
 from medalign_platform.training import NonFiniteLossError, RunContext, run_training
 
 FAST = ["experiment=synthmed_vqa", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.batch_size=4",
@@ -20,7 +19,7 @@ FAST = ["experiment=synthmed_vqa", "trainer.max_steps=6", "trainer.eval_every=3"
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     cache = tmp_path_factory.mktemp("medalign_cache")
-    record = build_mini_synthmed(cache)
+    record = prepare_mini_synthmed(cache)
     return cache, record
 
 
