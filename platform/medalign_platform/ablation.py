@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 import shutil
 import statistics
 import sys
@@ -40,7 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .build_dirs import write_text_atomic
 from .config import ConfigError
+from .results import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +328,7 @@ def run_ablation(overrides: Sequence[str]) -> dict:
 
 def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str))
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -340,12 +341,6 @@ def _finished(record: dict) -> bool:
     max_steps = (record.get("config") or {}).get("trainer", {}).get("max_steps")
     step = record.get("metrics", {}).get("step")
     return max_steps is None or step is None or int(step) >= int(max_steps)
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
 
 
 def table_columns(metric: str, records: Sequence[dict]) -> list[str]:
@@ -409,7 +404,8 @@ def aggregate(records: Sequence[dict], layers: Sequence[int], seeds: Sequence[in
             values = []
             for seed in seeds:
                 record = finished.get((layer, seed))
-                value = _number(record["metrics"].get(column)) if record else None
+                value = finite_number(record["metrics"].get(column)) if record else None
+                value = None if value is None else float(value)
                 if value is not None:
                     values.append({"seed": seed, "value": value, "trial_id": record.get("trial_id")})
             stats[column] = {**describe([v["value"] for v in values]), "values": values}
@@ -565,7 +561,7 @@ def write_outputs(result: dict, out_dir: Path) -> dict:
              "png": str(plot_ablation(result, out_dir / "ablation.png")),
              "json": str(out_dir / "ablation.json"),
              "tensorboard": str(out_dir / "tensorboard")}
-    (out_dir / "ablation.md").write_text(markdown)
+    write_text_atomic(out_dir / "ablation.md", markdown)
     log_tensorboard(result, out_dir / "ablation.png", markdown, out_dir / "tensorboard")
     _write_json(out_dir / "ablation.json", {**result, "files": files})
     return files

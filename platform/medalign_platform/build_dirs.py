@@ -1,17 +1,39 @@
-"""Atomic build directories: build beside the target, then swap it into place.
+"""Atomic builds: write beside the target, then swap it into place.
 
 A build that dies half-way leaves only a hidden temporary sibling, never a half-written
 target, and a rebuild only ever replaces a directory that an earlier build of the same
-kind wrote (recognised by its marker JSON file).
+kind wrote (recognised by its marker JSON file). Single files (records, tables, plots
+that a running sweep's readers may open at any moment) go through :func:`replaced_atomically`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yields a hidden temporary sibling of ``path`` to write; renames it onto ``path`` when the
+    block ends without an error (and removes it otherwise)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    """Writes ``text`` to ``path`` so that readers see the old file or the whole new one."""
+    with replaced_atomically(path) as tmp:
+        tmp.write_text(text)
+    return path
 
 
 def replaceable(path: Path, marker_file: str, name: str) -> bool:

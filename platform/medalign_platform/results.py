@@ -26,8 +26,6 @@ import io
 import json
 import logging
 import math
-import os
-import shutil
 import time
 import uuid
 import warnings
@@ -35,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .build_dirs import move_into_place, replaced_atomically, write_text_atomic
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -86,17 +85,9 @@ def check_experiment_dir(path: str | Path) -> Path:
     return folder.resolve()
 
 
-def _atomic_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
 def _atomic_figure(figure, path: Path) -> Path:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    os.replace(tmp, path)
+    with replaced_atomically(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     return path
 
 
@@ -110,7 +101,7 @@ def live_records(records: Sequence[dict]) -> list[dict]:
             for r in records]
 
 
-def _number(value: Any) -> int | float | None:
+def finite_number(value: Any) -> int | float | None:
     """``value`` if it is a finite int or float, else None (strings, bools, NaN and missing values)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
@@ -208,7 +199,7 @@ def _importances(study, params: list[str], index: int, mode: str, multi_objectiv
 def metric_columns(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
     """The sweep metrics first, then every other val/* and then test/* metric the trials report."""
     seen = {k for r in records for k, v in r["metrics"].items()
-            if k.startswith(EVAL_PREFIXES) and _number(v) is not None and k not in metrics}
+            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics}
     return [*metrics, *sorted(k for k in seen if k.startswith("val/")),
             *sorted(k for k in seen if k.startswith("test/"))]
 
@@ -239,7 +230,7 @@ def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics
 
     def order(item: tuple[int, dict]) -> tuple:
         position, record = item
-        score = _number(record["metrics"].get(metric))
+        score = finite_number(record["metrics"].get(metric))
         return (score is None, sign * score if score is not None else 0.0, position)
 
     rows = []
@@ -250,12 +241,12 @@ def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics
         row = {"rank": rank, "trial_id": record["trial_id"], "optuna_trial": numbers.get(record["trial_id"]),
                "status": record["status"],
                **{key: record["params"].get(key) for key in param_keys},
-               **{key: _number(record["metrics"].get(key)) for key in values},
+               **{key: finite_number(record["metrics"].get(key)) for key in values},
                "step": step, "max_steps": max_steps,
                # ASHA stops a trial by ending it before its last step; Tune marks it TERMINATED.
                "stopped_early": bool(record["status"] == "TERMINATED" and isinstance(step, int)
                                      and isinstance(max_steps, int) and step < max_steps),
-               "wall_s": _number(wall if wall is not None else record.get("time_total_s"))}
+               "wall_s": finite_number(wall if wall is not None else record.get("time_total_s"))}
         if pareto_ids is not None:
             row["pareto"] = record["trial_id"] in pareto_ids
         rows.append(row)
@@ -269,7 +260,7 @@ def write_leaderboard_csv(columns: Sequence[str], rows: Sequence[dict], path: Pa
     writer.writeheader()
     for row in rows:
         writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
-    return _atomic_text(path, buffer.getvalue())
+    return write_text_atomic(path, buffer.getvalue())
 
 
 def _cell(column: str, value: Any, digits: int = 4) -> str:
@@ -436,7 +427,7 @@ def write_best_experiment(summary: dict, spec: dict, numbers: dict[str, int], pa
         check.unlink(missing_ok=True)
     header.append("Checked when written: composes to exactly the trial's config" if not differences else
                   f"WARNING: composing this file differs from the trial's config at {differences}")
-    _atomic_text(path, best_experiment_text(config, choices, header))
+    write_text_atomic(path, best_experiment_text(config, choices, header))
     return {"path": str(path), "trial_id": best["trial_id"], "differences": differences, "command": command}
 
 
@@ -598,7 +589,7 @@ def _trial_events(record: dict, params: dict, curves: dict) -> list[tuple[float,
     if not curves:  # no event files (yet): the last reported evaluation, so the trial still compares
         step = record["metrics"].get("step") or 0
         curves = {k: [(time.time(), step, v)] for k, v in record["metrics"].items()
-                  if k.startswith(EVAL_PREFIXES) and not _is_count(k) and _number(v) is not None}
+                  if k.startswith(EVAL_PREFIXES) and not _is_count(k) and finite_number(v) is not None}
     started = min((points[0][0] for points in curves.values()), default=time.time())
     events = [(started, 0, hp.hparams_pb(params, trial_id=record["trial_id"], start_time_secs=started))]
     for tag, points in curves.items():
@@ -646,11 +637,7 @@ def write_tensorboard(experiment_dir: Path, records: Sequence[dict], search_spac
         metrics=[hp.Metric(tag, dataset_type=hp.Metric.VALIDATION if tag.startswith("val/") else None)
                  for tag in ordered])
     _write_events(building, [(time.time(), 0, config)])
-    old = experiment_dir / f".{TENSORBOARD_DIR}.{uuid.uuid4().hex[:8]}.old"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(building, target)
-    shutil.rmtree(old, ignore_errors=True)
+    move_into_place(building, target)
     return target
 
 
@@ -702,14 +689,14 @@ def write_results(experiment_dir: str | Path, *, top: int | None = None) -> dict
     results = folder / RESULTS_DIR
     results.mkdir(exist_ok=True)
     files = {"leaderboard_csv": write_leaderboard_csv(columns, rows, results / LEADERBOARD_CSV),
-             "leaderboard_md": _atomic_text(results / LEADERBOARD_MD,
+             "leaderboard_md": write_text_atomic(results / LEADERBOARD_MD,
                                             _leaderboard_document(summary, name, columns, rows, top))}
     best_yaml = write_best_experiment(summary, spec, numbers, results / BEST_EXPERIMENT)
     if best_yaml["path"]:
         files["best_experiment"] = Path(best_yaml["path"])
     importances = param_importances(study, summary["metrics"], summary["modes"])
     importances.update(study=name, storage=f"sqlite:///{folder / 'optuna.db'}")
-    files["importances_json"] = _atomic_text(results / IMPORTANCES_JSON, json.dumps(importances, indent=1) + "\n")
+    files["importances_json"] = write_text_atomic(results / IMPORTANCES_JSON, json.dumps(importances, indent=1) + "\n")
     files["importances_png"] = plot_importances(importances, results / IMPORTANCES_PNG, name)
     files["history_png"] = plot_history(rows, summary["metrics"], summary["modes"], results / HISTORY_PNG, name)
     files["tensorboard"] = write_tensorboard(folder, summary["records"], spec["search_space"], summary["metrics"])

@@ -42,13 +42,13 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .build_dirs import write_text_atomic
 from .config import ConfigError, compose_config, validate_run_config
 from .search_space import SearchSpace, SearchSpaceError, load_search_space
 
@@ -352,9 +352,7 @@ def _scalars(metrics: dict | None) -> dict:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def sweep_trial(config: dict) -> None:
@@ -450,13 +448,17 @@ def _fit_inline(run_config: dict, on_final=None) -> tuple[dict, bool]:
 
     scratch = Path(tempfile.mkdtemp(prefix="medalign-trial-"))
     checkpoint = ray.tune.get_checkpoint()
-    resume_from = Path(checkpoint.to_directory(str(scratch / "resume"))) if checkpoint is not None else None
     # Tune restores a trial from the checkpoint its last saved experiment state names, which
     # can be seconds behind (a killed driver); the trial folder may hold a newer complete one.
     newest = newest_trial_checkpoint(Path(run_config["run"]["output_dir"]))
-    if newest is not None and newest[0] > _checkpoint_step_of(resume_from):
-        logging.getLogger(__name__).info("resuming from %s (step %d), newer than Tune's restored checkpoint", newest[1], newest[0])
+    tune_step = _checkpoint_step_of(Path(checkpoint.path)) if checkpoint is not None else -1
+    resume_from = None
+    if newest is not None and newest[0] > tune_step:
+        logging.getLogger(__name__).info("resuming from %s (step %d), newer than Tune's restored checkpoint",
+                                         newest[1], newest[0])
         resume_from = newest[1]
+    elif checkpoint is not None:  # only now copied: the newer local one above needs no copy
+        resume_from = Path(checkpoint.to_directory(str(scratch / "resume")))
     if resume_from is not None and (resume_from / "metrics.json").is_file():
         state = json.loads((resume_from / "trainer_state.json").read_text())
         if state["step"] >= int(run_config["trainer"]["max_steps"]):  # finished; only the record was lost
