@@ -42,6 +42,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,8 @@ FINAL_FILE = "final.json"             # per trial: final metrics and timings of 
 STUDY_FILE = "optuna.db"
 TRAIN_RUN_NAME = "train"              # the Ray Train run's folder inside each trial folder
 TRIAL_ACTOR_MEMORY = 2**20            # bytes of Ray's memory resource held by each trial actor
+TUNE_STATE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"  # how often Tune saves its experiment state
+TUNE_STATE_PERIOD_S = "1"
 META_KEY = "_sweep"                   # reserved top-level key of a trial config: rules and metrics
 
 SWEEP_DEFAULTS: dict = {
@@ -831,6 +834,10 @@ def run_sweep(overrides: Sequence[str]) -> dict:
         logger.warning("multi-objective sweep (%s): ASHA early stopping is off, since it ranks trials on one "
                        "metric; every trial runs to trainer.max_steps", settings.metrics)
 
+    # Tune saves its experiment state at most every 10 s by default; a trial started (or a
+    # checkpoint committed) after the last save is unknown to `resume=true` after a driver
+    # kill, and its work is redone by a fresh trial. Saving is cheap at sweep scale.
+    os.environ.setdefault(TUNE_STATE_PERIOD_ENV, TUNE_STATE_PERIOD_S)
     if settings.resume and restorable:
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(settings), resume_unfinished=True,
                                    resume_errored=settings.resume_errored, restart_errored=settings.restart_errored)
