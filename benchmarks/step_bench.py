@@ -48,14 +48,14 @@ try:
 except ImportError:  # running from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 
-from medalign_platform.losses import (  # noqa: E402
+from medalign_platform.core.losses import (  # noqa: E402
     attention_distillation_loss,
     spatial_alignment_loss,
     teacher_attention_map,
     teacher_similarity,
 )
-from medalign_platform.objective import DistillSettings, MedAlignObjective  # noqa: E402
-from medalign_platform.student import (  # noqa: E402
+from medalign_platform.core.objective import DistillSettings, MedAlignObjective  # noqa: E402
+from medalign_platform.core.student import (  # noqa: E402
     IGNORE_INDEX,
     LoraSettings,
     apply_lora,

@@ -52,7 +52,7 @@ def sweep_overrides(output_dir: Path, name: str, trials: int, steps: int) -> lis
 
 def run_variant(variant: str, output_dir: Path, trials: int, steps: int) -> dict:
     """One sweep in this process; returns its timings (called in a child process)."""
-    from medalign_platform.sweep import run_sweep
+    from medalign_platform.tune.sweep import run_sweep
 
     started = time.perf_counter()
     summary = run_sweep(sweep_overrides(output_dir, variant, trials, steps) + VARIANTS[variant])
@@ -85,7 +85,7 @@ def main() -> None:
         print("RESULT " + json.dumps(run_variant(args.child, args.out, args.trials, args.steps)), flush=True)
         return
 
-    from medalign_platform.prepare import prepare_mini_synthmed
+    from medalign_platform.synthmed.prepare import prepare_mini_synthmed
 
     work = Path(tempfile.mkdtemp(prefix="medalign-overhead-"))
     prepare_mini_synthmed(work / "cache", n_train=96, n_val=12, n_test=12)

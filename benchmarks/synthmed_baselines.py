@@ -33,8 +33,8 @@ VARIANTS = {
 
 def evaluate_base(config: dict) -> dict:
     """Test metrics of the pre-trained base LVLM, no fine-tuning."""
-    from medalign_platform.evaluation import evaluate_items, evaluation_items, load_split
-    from medalign_platform.student import DistillationTap, load_student
+    from medalign_platform.run.evaluation import evaluate_items, evaluation_items, load_split
+    from medalign_platform.core.student import DistillationTap, load_student
 
     model, processor = load_student(config["model"]["path"])
     tap = DistillationTap(model, config["distill"]["layer"], capture_attention=True)
@@ -45,8 +45,8 @@ def evaluate_base(config: dict) -> dict:
 
 
 def train_variant(overrides: list[str], seed: int) -> dict:
-    from medalign_platform.config import compose_config, validate_run_config
-    from medalign_platform.training import RunContext, run_training
+    from medalign_platform.run.compose import compose_config, validate_run_config
+    from medalign_platform.run.loop import RunContext, run_training
 
     config = compose_config(["experiment=synthmed_vqa", f"trainer.seed={seed}", "trainer.eval_every=0", *overrides])
     validate_run_config(config)
@@ -63,7 +63,7 @@ def example_grid(data_dir: Path, out: Path, count: int = 8) -> None:
     import numpy as np
     from PIL import Image
 
-    from medalign_platform.data import read_mask
+    from medalign_platform.data.conversations import read_mask
 
     records = json.loads((data_dir / "test.json").read_text())
     by_image: dict[str, list[dict]] = {}
@@ -105,8 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "synthmed_examples.png")
     args = parser.parse_args(argv)
 
-    from medalign_platform.config import compose_config
-    from medalign_platform.prepare import SynthMedPrepareSettings, prepare_synthmed
+    from medalign_platform.run.compose import compose_config
+    from medalign_platform.synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed
 
     prepared = prepare_synthmed(SynthMedPrepareSettings())
     example_grid(prepared.data_dir, args.grid)

@@ -1,7 +1,7 @@
 """A miniature prepared SynthMed (small data, tiny random models) for run/sweep tests.
 
 The real ``medalign prepare`` trains its models for minutes; pipeline tests only need
-the same files in the same places: :func:`medalign_platform.prepare.prepare_mini_synthmed`.
+the same files in the same places: :func:`medalign_platform.synthmed.prepare.prepare_mini_synthmed`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def mini_synthmed_env(cache_dir: Path, **env: str) -> Iterator[dict]:
     is restored. Yields the ``prepared.json`` record.
     """
     import ray
-    from medalign_platform.prepare import prepare_mini_synthmed
+    from medalign_platform.synthmed.prepare import prepare_mini_synthmed
 
     record = prepare_mini_synthmed(cache_dir)
     patch = pytest.MonkeyPatch()

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prepare(args) -> int:
-    from .prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
+    from .synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
 
     options = parse_overrides(args.overrides)
     dataset = options.pop("data", None)
@@ -79,7 +79,7 @@ def _prepare(args) -> int:
 
 
 def _train(args) -> int:
-    from .run import train_run
+    from .run.driver import train_run
 
     result = train_run(args.overrides)
     metrics = result["metrics"]
@@ -91,8 +91,8 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
-    from .results import status_report, write_results
-    from .sweep import run_sweep
+    from .tune.results import status_report, write_results
+    from .tune.sweep import run_sweep
 
     summary = run_sweep(args.overrides)
     experiment_dir = summary["experiment_dir"]
@@ -103,13 +103,13 @@ def _sweep(args) -> int:
 
 
 def _ablate_layers(args) -> int:
-    from .ablation import ablate_command
+    from .tune.ablation import ablate_command
 
     return ablate_command(args.overrides)
 
 
 def _status(args) -> int:
-    from .results import status_command
+    from .tune.results import status_command
 
     if not args.path:
         raise SystemExit("usage: medalign status EXP_DIR   (a folder written by medalign sweep or ablate-layers)")
@@ -117,7 +117,7 @@ def _status(args) -> int:
 
 
 def _dashboard(args) -> int:
-    from .dashboard import dashboard_command
+    from .tune.dashboard import dashboard_command
 
     if not args.path:
         raise SystemExit("usage: medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]")
@@ -125,13 +125,13 @@ def _dashboard(args) -> int:
 
 
 def _export(args) -> int:
-    from .export import export_run
+    from .run.export import export_run
 
     if not args.path or not args.out:
         raise SystemExit("usage: medalign export RUN_DIR --out DIR")
     out = export_run(args.path, args.out)
     print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
-          "or medalign_platform.export.load_exported")
+          "or medalign_platform.run.export.load_exported")
     return 0
 
 
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    from .config import ConfigError
+    from .run.compose import ConfigError
 
     try:
         return HANDLERS[args.command](args)

@@ -1,0 +1,78 @@
+"""``medalign export RUN_DIR --out DIR``: a run's adapter in a form peft loads directly.
+
+``DIR`` holds the peft adapter (``adapter_config.json`` + ``adapter_model.safetensors``,
+so ``peft.PeftModel.from_pretrained(base, DIR)`` works), the steer weights when the run
+used them (``steer.safetensors``), the run's final predictions and ``medalign.json``
+(base model, distillation settings, source checkpoint). :func:`load_exported` rebuilds the
+full MedAlign student, steer adapter included.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+EXPORT_FILE = "medalign.json"
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint with the highest step under a Ray Train run directory."""
+    run_dir = Path(run_dir)
+    found = []
+    for state in run_dir.glob("**/trainer_state.json"):
+        found.append((json.loads(state.read_text())["step"], state.parent))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint (trainer_state.json) under {run_dir}; is it a `medalign train` run dir?")
+    return max(found, key=lambda pair: pair[0])[1]
+
+
+def export_run(run_dir: str | Path, out: str | Path) -> Path:
+    """Copies the run's latest adapter, steer weights and predictions into ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    checkpoint = latest_checkpoint(run_dir)
+    config_file = run_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} missing: export needs the run's resolved config")
+    config = json.loads(config_file.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    for item in (checkpoint / "adapter").iterdir():
+        shutil.copy2(item, out / item.name)
+    for name in ("steer.safetensors", "predictions.json"):
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, out / name)
+    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    (out / EXPORT_FILE).write_text(json.dumps({
+        "base_model": config["model"]["path"],
+        "distill": config["distill"],
+        "lora": config["lora"],
+        "step": step,
+        "source_checkpoint": str(checkpoint),
+    }, indent=2))
+    return out
+
+
+def load_exported(export_dir: str | Path, base_model: str | None = None):
+    """Loads base model + exported adapter (+ steer) for inference.
+
+    Returns:
+        ``(model, processor, tap)``; ``tap`` applies the steer adapter at its layer (None
+        when the run had no steer adapter).
+    """
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from ..core.student import DistillationTap, SteerSettings, attach_steer, load_student
+
+    export_dir = Path(export_dir)
+    info = json.loads((export_dir / EXPORT_FILE).read_text())
+    base, processor = load_student(base_model or info["base_model"])
+    model = PeftModel.from_pretrained(base, str(export_dir))
+    tap = None
+    steer_settings = SteerSettings(**info["distill"].get("steer", {}))
+    if steer_settings.mode != "off":
+        steer = attach_steer(model, steer_settings)
+        steer.load_state_dict(load_file(export_dir / "steer.safetensors"))
+        tap = DistillationTap(model, info["distill"]["layer"], steer=steer, capture_attention=False)
+    model.eval()
+    return model, processor, tap
