@@ -298,8 +298,11 @@ class TargetCache:
     def _compute(self, teacher: _Teacher, images: list[ImageLike], batch_size: int
                  ) -> list[tuple[Tensor, Tensor]]:
         results = []
+        # A teacher whose inputs are not images (e.g. an oracle's per-question requests)
+        # opens them itself.
+        open_input = getattr(teacher, "open_input", None) or _open_image
         for start in range(0, len(images), batch_size):
-            batch = [_open_image(image) for image in images[start:start + batch_size]]
+            batch = [open_input(image) for image in images[start:start + batch_size]]
             out = teacher.encode_images(batch)
             patch = out.patch_tokens.detach().to("cpu", torch.float16)
             if not torch.isfinite(patch).all():

@@ -313,6 +313,31 @@ def grounding_score(
     return float(score[0]) if unbatched else score
 
 
+def pointing_hit(attention: torch.Tensor, mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Pointing game: does the most attended visual token lie on the mask?
+
+    Args:
+        attention: ``[B, N]`` attention over the ``N = h*w`` visual tokens (row-major).
+        mask: ``[B, H, W]`` mask at image resolution (bool or 0-1).
+        grid: ``(h, w)`` of the visual-token grid.
+
+    Returns:
+        float32 ``[B]``: 1.0 when the argmax cell holds any of the mask, 0.0 when not,
+        ``nan`` when the mask is empty (average with :func:`mean_grounding_score`).
+    """
+    if attention.dim() != 2 or mask.dim() != 3 or attention.shape[0] != mask.shape[0]:
+        raise ValueError(f"attention must be [B, N] and mask [B, H, W]; got {tuple(attention.shape)} and "
+                         f"{tuple(mask.shape)}")
+    h, w = int(grid[0]), int(grid[1])
+    if attention.shape[1] != h * w:
+        raise ValueError(f"attention has {attention.shape[1]} visual tokens but grid {h}x{w} implies {h * w}")
+    cells = mask_to_grid(mask.detach().reshape(-1, *mask.shape[-2:]), (h, w)).reshape(mask.shape[0], h * w)
+    cells = cells.to(attention.device)
+    hit = cells.gather(1, attention.detach().argmax(dim=1, keepdim=True)).squeeze(1) > 0
+    defined = cells.sum(dim=1) > 0
+    return torch.where(defined, hit.to(torch.float32), torch.full_like(hit, float("nan"), dtype=torch.float32))
+
+
 def mean_grounding_score(scores: torch.Tensor | Iterable[float] | float) -> float:
     """Mean of grounding scores ignoring ``nan`` (empty masks); ``nan`` if none is defined."""
     if isinstance(scores, torch.Tensor):

@@ -315,7 +315,7 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
             items = [train_items[i] for i in order[index]]
             batch, _ = collator(items)
             batch = {k: v.to(device) for k, v in batch.items()}
-            teacher = targets([item["image_path"] for item in items]).to(device)
+            teacher = targets(items).to(device)
             sync = accum == trainer.grad_accum - 1 or not hasattr(train_model, "no_sync")
             with (nullcontext() if sync else train_model.no_sync()), _autocast(device, trainer.precision):
                 terms = objective_forward(objective, train_model, batch, teacher)
@@ -386,7 +386,7 @@ def _log_predictions(logger, targets, objective: MedAlignObjective, step: int, s
         if logger is None:
             return
         shown = items[:4]
-        teacher = targets([item["image_path"] for item in shown])
+        teacher = targets(shown)
         teacher_attention = teacher_attention_map(teacher.cls_attention, teacher.grid, objective.student_grid)
         logger.evaluation(step, split, items, answers, student_attention, teacher_attention, objective.student_grid)
 

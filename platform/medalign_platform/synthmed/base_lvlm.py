@@ -65,7 +65,8 @@ from tqdm.auto import tqdm
 
 from ..common.atomic import move_into_place, replaceable
 from ..data.collate import PROMPT_TEMPLATE, StudentCollator, generate_answers
-from .generator import SYNTHMED_WORDS, load_manifest
+from .generator import SYNTHMED_WORDS, load_manifest, pretrain_file
+from .vision_pretrain import DEFAULT_VISION_TRAINING, pretrain_vision_tower
 
 __all__ = [
     "BASE_LVLM_VERSION",
@@ -99,6 +100,7 @@ DEFAULT_ARCHITECTURE: dict[str, int] = {
     "num_kv_heads": 2,
     "vision_hidden_size": 64,
     "vision_layers": 3,
+    "vision_feature_layer": -1,
 }
 
 #: Training defaults of :func:`pretrain_base_lvlm`.
@@ -110,6 +112,7 @@ DEFAULT_TRAINING: dict[str, Any] = {
     "weight_decay": 0.01,
     "max_length": 160,
     "val_questions": 300,
+    "vision_steps": DEFAULT_VISION_TRAINING["steps"],
 }
 
 
@@ -309,6 +312,51 @@ def _prepare_out_dir(out_dir: Path) -> Path:
 # ------------------------------------------------------------------------------ training
 
 
+def train_language_stage(model, processor, items, images: "_ImageCache | None" = None, *, seed: int = 0,
+                         steps: int = DEFAULT_TRAINING["steps"], batch_size: int = DEFAULT_TRAINING["batch_size"],
+                         lr: float = DEFAULT_TRAINING["lr"], warmup_steps: int = DEFAULT_TRAINING["warmup_steps"],
+                         weight_decay: float = DEFAULT_TRAINING["weight_decay"],
+                         max_length: int = DEFAULT_TRAINING["max_length"], progress: bool = False) -> list[float]:
+    """Trains the projector and the LLM in place on conversation ``items``; the vision tower
+    stays frozen, as LLaVA's CLIP does. Returns the per-step losses.
+
+    AdamW (betas 0.9/0.98, decay on matrices only), linear warm-up then cosine to ``lr/10``,
+    gradient norm clipped at 1, :func:`answer_loss`, length-grouped batches
+    (:func:`training_batches`). Deterministic given ``seed`` and the thread count.
+    """
+    images = images or _ImageCache()
+    model.model.vision_tower.requires_grad_(False)
+    collator = StudentCollator(processor, max_length=max_length, padding_side="right")
+    torch.manual_seed(seed)
+    batches = training_batches(items, steps, batch_size, seed)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-8,
+    )
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc="base LVLM", unit="step", disable=not progress)
+    for step in bar:
+        batch, _ = collator([_as_item(items[i], images) for i in batches[step]])
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup_steps)
+        labels = batch.pop("labels")
+        loss = answer_loss(model(**batch).logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        if step % 10 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
+    bar.close()
+    model.eval()
+    return losses
+
+
 def pretrain_base_lvlm(
     data_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -321,6 +369,7 @@ def pretrain_base_lvlm(
     weight_decay: float = DEFAULT_TRAINING["weight_decay"],
     max_length: int = DEFAULT_TRAINING["max_length"],
     val_questions: int = DEFAULT_TRAINING["val_questions"],
+    vision_steps: int = DEFAULT_TRAINING["vision_steps"],
     architecture: dict[str, int] | None = None,
     num_threads: int | None = 1,
     progress: bool = True,
@@ -358,60 +407,49 @@ def pretrain_base_lvlm(
     if unknown:
         raise ValueError(f"unknown architecture keys {sorted(unknown)}; choose from {sorted(DEFAULT_ARCHITECTURE)}")
     for split in ("train", "val"):
-        if not (data_dir / f"{split}.json").is_file():
-            raise FileNotFoundError(f"base LVLM: {data_dir / f'{split}.json'} not found; generate SynthMed first "
+        if not (data_dir / pretrain_file(split)).is_file():
+            raise FileNotFoundError(f"base LVLM: {data_dir / pretrain_file(split)} not found; generate SynthMed first "
                                     "(medalign_platform.synthmed.generator.ensure_synthmed(data_dir))")
     tmp = _prepare_out_dir(out_dir)
     try:
         with _torch_threads(num_threads):
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            torch.use_deterministic_algorithms(True)
             # Images were checked when SynthMed was generated; file existence is still checked.
-            train = load_conversation_dataset(data_dir / "train.json", validate_images=False)
-            val = load_conversation_dataset(data_dir / "val.json", validate_images=False)
+            train = load_conversation_dataset(data_dir / pretrain_file("train"), data_dir, validate_images=False)
+            val = load_conversation_dataset(data_dir / pretrain_file("val"), data_dir, validate_images=False)
             tiny_student(tmp, words=base_lvlm_words(), seed=seed, **arch)
             model, processor = load_student(tmp)
             init_small_width(model, seed)
-            collator = StudentCollator(processor, max_length=max_length, padding_side="right")
-            images = _ImageCache()
-
-            torch.manual_seed(seed)
-            batches = training_batches(train.items, steps, batch_size, seed)
-            num_items = len(train.items)
-            decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-            no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-            optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=lr, betas=(0.9, 0.98), eps=1e-8,
-            )
+            # Stage 1: the eyes (dense per-patch pre-training of the vision tower, vision_pretrain.py).
+            vision_record = None
+            if vision_steps > 0:
+                vision_record = pretrain_vision_tower(model, processor, data_dir, seed=seed, steps=vision_steps,
+                                                      progress=progress)
             setup_seconds = time.perf_counter() - start
-            model.train()
-            losses: list[float] = []
-            bar = tqdm(range(steps), desc="base LVLM", unit="step", disable=not progress)
-            for step in bar:
-                batch, _ = collator([_as_item(train.items[i], images) for i in batches[step]])
-                for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr, warmup_steps)
-                labels = batch.pop("labels")
-                loss = answer_loss(model(**batch).logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-                if step % 10 == 0 or step == steps - 1:
-                    bar.set_postfix(loss=f"{np.mean(losses[-10:]):.3f}")
-            bar.close()
+            images = _ImageCache()
+            losses = train_language_stage(model, processor, train.items, images, seed=seed, steps=steps,
+                                          batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+                                          weight_decay=weight_decay, max_length=max_length, progress=progress)
+            num_items = len(train.items)
             train_seconds = time.perf_counter() - start - setup_seconds
             model.eval()
             model.save_pretrained(tmp)
             processor.save_pretrained(tmp)
 
             metrics: dict[str, Any] = {}
+            task_metrics: dict[str, Any] = {}
             eval_seconds = 0.0
             if val_questions > 0:
                 eval_start = time.perf_counter()
                 eval_items = [_as_item(item, images) for item in select_eval_items(val, val_questions)]
                 metrics = evaluate_vqa(model, processor, eval_items)
+                if (data_dir / "val.json").is_file():   # the benchmark task, never trained on here
+                    task = load_conversation_dataset(data_dir / "val.json", data_dir, validate_images=False)
+                    task_items = [_as_item(item, images) for item in select_eval_items(task, val_questions)]
+                    task_metrics = evaluate_vqa(model, processor, task_items)
                 eval_seconds = time.perf_counter() - eval_start
+            torch.use_deterministic_algorithms(deterministic)
 
         manifest = load_manifest(data_dir)
         tail = losses[-max(1, min(20, len(losses))):] if losses else []
@@ -432,7 +470,8 @@ def pretrain_base_lvlm(
                 "loss": "per-sample mean over answer tokens (answer_loss)",
                 "batching": "shuffled epochs, reports grouped (training_batches)",
                 "optimizer": "AdamW(betas=(0.9, 0.98)), grad-norm clip 1.0",
-                "trainable": "all parameters (vision tower, projector, LLM)",
+                "trainable": "vision tower: dense pre-training (vision_pretrain.py); then projector and LLM",
+                "vision_steps": vision_steps,
                 "prompt_template": PROMPT_TEMPLATE, "num_threads": num_threads,
                 "samples_seen": steps * batch_size,
             },
@@ -440,7 +479,9 @@ def pretrain_base_lvlm(
             "final_loss": float(np.mean(tail)) if tail else None,
             "loss_curve": {str(s): round(float(np.mean(losses[max(0, s - 9):s + 1])), 4)
                            for s in range(9, len(losses), max(10, len(losses) // 20))},
+            "vision": vision_record,
             "val": {"questions": val_questions, **metrics},
+            "task_val_zero_shot": task_metrics,
             "seconds": {"setup": round(setup_seconds, 2), "train": round(train_seconds, 2),
                         "eval": round(eval_seconds, 2),
                         "total": round(time.perf_counter() - start, 2)},
@@ -465,7 +506,7 @@ def ensure_base_lvlm(data_dir: str | os.PathLike, out_dir: str | os.PathLike, **
     manifest = load_manifest(data_dir)
     if info is not None and manifest is not None and info.get("version") == BASE_LVLM_VERSION:
         wanted_training = {k: kwargs.get(k, DEFAULT_TRAINING[k]) for k in
-                           ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "max_length")}
+                           ("steps", "batch_size", "lr", "warmup_steps", "weight_decay", "max_length", "vision_steps")}
         same = (
             info.get("seed") == kwargs.get("seed", 0)
             and info.get("architecture") == {**DEFAULT_ARCHITECTURE, **(kwargs.get("architecture") or {})}

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 from ..data.conversations import read_mask
 from ..data.metrics import grounding_score, mean_grounding_score
 from ..core.teacher import ExpertTeacher, load_teacher
+from .generator import pretrain_file
 from .tiny_teacher import _preprocess_cfg, tiny_teacher_config
 
 __all__ = [
@@ -74,9 +75,9 @@ __all__ = [
     "train_expert_clip",
 ]
 
-# The longest SynthMed report is 32 BPE tokens; + SOT/EOT = 34. A shorter context (the
-# tiny teacher's 16) would cut two-lesion reports before the second lesion.
-_CONTEXT_LENGTH = 40
+# The longest SynthMed report (three lesions) is 44 BPE tokens; + SOT/EOT = 46. A shorter
+# context (the tiny teacher's 16) would cut reports before their last lesion.
+_CONTEXT_LENGTH = 48
 
 # Chosen on the default SynthMed (test R@1 for seeds 0/1/2; module docstring: seeds 0-4):
 # lr 2e-3 x 520 steps 0.635/0.60/0.625; 600 steps 0.64/0.695/0.595 (+15% time); lr 3e-3
@@ -159,7 +160,7 @@ def load_report_pairs(data_dir: str | Path, split: str) -> list[dict]:
     """The (image, mask, report) triples of one SynthMed split, in file order.
 
     Args:
-        data_dir: SynthMed root (holds ``<split>.json``, ``images/``, ``masks/``).
+        data_dir: SynthMed root (holds ``pretrain_<split>.json``, ``images/``, ``masks/``).
         split: ``"train"``, ``"val"`` or ``"test"``.
 
     Returns:
@@ -167,12 +168,13 @@ def load_report_pairs(data_dir: str | Path, split: str) -> list[dict]:
         answer of the image's ``answer_type == "report"`` record).
     """
     root = Path(data_dir)
-    records = json.loads((root / f"{split}.json").read_text(encoding="utf-8"))
+    path = root / pretrain_file(split)
+    records = json.loads(path.read_text(encoding="utf-8"))
     pairs = [{"image": root / r["image"], "mask": root / r["mask"],
               "report": r["conversations"][1]["value"]}
              for r in records if r.get("answer_type") == "report"]
     if not pairs:
-        raise ValueError(f"{root / f'{split}.json'} has no report records")
+        raise ValueError(f"{path} has no report records")
     return pairs
 
 

@@ -1,50 +1,55 @@
-"""SynthMed: the platform's embedded synthetic grounding benchmark.
+"""SynthMed: the platform's embedded synthetic grounding benchmark (version 2).
 
 Every image is a small "scan" (chest-film-like: an elliptical body with low-frequency
 texture, two darker lung fields, a spine band, a heart shadow, soft rib arcs and pixel
-noise) holding 0, 1 or 2 lesions. Each lesion has a shape (round, oval, elongated,
-irregular), a size (small, medium, large), a contrast (bright, faint) and sits entirely
-inside one quadrant of the image, at least two pixels away from both midlines, so that
-every location answer is unambiguous. Two lesions always lie in different quadrants.
+noise) holding 0 to 3 lesions, each entirely inside its own quadrant, at least two pixels
+away from both midlines, so every location is unambiguous. A lesion has a shape (round,
+oval, elongated, irregular), a size (small, medium, large) and a contrast (bright, faint);
+the lesions of one image take *different* values of each attribute where the attribute
+has enough values, so that a question about one lesion has a distractor in the others.
 
-Questions are only answerable by looking at where and what the lesions are: presence,
-side, quadrant, shape, size, contrast (closed yes/no) and count, side, quadrant, shape,
-size (open), plus one short report per image. Closed questions ask about a quadrant,
-side, shape, ... that is *absent* about as often as about one that is present, so "no"
-requires looking too; overall about half of the closed answers are "yes".
+Text (:mod:`.questions`): the base model's pre-training corpus (reports and image-level
+questions, ``pretrain_<split>.json``) and the benchmark task (``<split>.json``):
+location-conditioned questions ("in the left upper quadrant, is the lesion round?") whose
+"no" answers name another lesion's value, so only looking at the named place answers them.
 
 Conventions
 -----------
 * ``left``/``right`` are the **viewer's** (image) left and right: column ``< S/2`` is
   left. ``upper``/``lower``: row ``< S/2`` is upper. Quadrants are named
-  ``"left upper"``, ``"right upper"``, ``"left lower"``, ``"right lower"``.
-* Lesions are listed (report, two-lesion answers, mask labels) in the quadrant order
-  above.
-* ``masks/<image_id>.png`` is one 8-bit grayscale PNG per image, same size as the image:
-  0 = background, ``i`` = the ``i``-th lesion (1..k) in that order. Threshold ``> 0``
-  for a binary mask. Each lesion's mask is one 8-connected component.
+  ``"left upper"``, ``"right upper"``, ``"left lower"``, ``"right lower"``; lesions are
+  listed (report, answers, mask labels) in that order.
+* ``masks/<image_id>.png``: 8-bit label mask, same size as the image: 0 = background,
+  ``i`` = the ``i``-th lesion (1..k). ``masks/<image_id>-<labels>.png`` (e.g. ``-2``,
+  ``-13``): binary (0/255) mask of just those lesions. A record's ``mask`` is the region
+  its question is about: the one named lesion for a task question, the lesions an
+  image-level question concerns otherwise (all of them when none is singled out).
 * ``SYNTHMED_WORDS`` holds every word used in any question, answer or report; the only
   other characters are ``SYNTHMED_PUNCTUATION`` and spaces (after the ``"<image>\\n"``
   prefix of each question).
 
 Layout (the LLaVA conversation format used by LLaVA-Med's VQA-RAD / SLAKE / PathVQA
-and IU-Xray files, so one loader, :func:`medalign_platform.data.conversations.load_conversation_dataset`,
-serves all of them)::
+and IU-Xray files, so one loader,
+:func:`medalign_platform.data.conversations.load_conversation_dataset`, serves all)::
 
     out_dir/images/<image_id>.png          RGB (gray replicated), image_size x image_size
-    out_dir/masks/<image_id>.png           uint8 lesion labels (see above)
-    out_dir/<split>.json                   list of records, one per question or report:
-        {"id", "image_id", "image": "images/<image_id>.png", "mask": "masks/<image_id>.png",
+    out_dir/masks/<image_id>[-<labels>].png
+    out_dir/<split>.json                   the benchmark task, one record per question:
+        {"id", "image_id", "image": "images/<id>.png", "mask": "masks/<id>-<label>.png",
          "conversations": [{"from": "human", "value": "<image>\\n<question>"},
                            {"from": "gpt", "value": "<answer>"}],
-         "answer_type": "closed" | "open" | "report",
-         "question_type": "presence" | "side" | "quadrant" | "shape" | "size"
-                          | "contrast" | "count" | "report"}
+         "answer_type": "closed" | "open", "question_type": "shape" | "size" | "contrast",
+         "quadrant", "attribute", and for closed questions "distractor", "pooled_answer"}
+    out_dir/pretrain_<split>.json          the pre-training corpus (same record format;
+                                           answer_type "report" for the reports)
     out_dir/annotations/<split>.json       per image: lesion attributes, centre, bbox, area
-    out_dir/manifest.json                  version, seed, sizes, counts, sha256s
+    out_dir/manifest.json                  version, seed, sizes, counts, baselines, sha256s
 
-Generation is deterministic: image ``index`` of ``split`` draws only from a numpy
-``Generator`` seeded by ``(seed, split, index)``, so the result does not depend on the
+The ``train`` task file holds the questions of the first ``task_train_images`` train
+images only: the fine-tuning budget is deliberately small (see docs/synthmed.md).
+
+Generation is deterministic: image ``index`` of ``split`` draws only from numpy
+``Generator``s seeded by ``(seed, split, index)``, so the result does not depend on the
 number of worker processes, and PNGs are written with fixed PIL settings. The same seed
 gives byte-identical files (on the same zlib/Pillow build); ``manifest.json`` records a
 sha256 of the whole tree for cache invalidation. Bump :data:`SYNTHMED_VERSION` whenever
@@ -76,10 +81,23 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..common.atomic import move_into_place, replaceable
+from .questions import (
+    CONTRASTS,
+    QUADRANTS,
+    SHAPES,
+    SIDES,
+    SIZES,
+    SYNTHMED_PUNCTUATION,
+    SYNTHMED_WORDS,
+    LesionFacts,
+    pretrain_questions,
+    task_questions,
+)
 
 __all__ = [
     "CONTRASTS",
     "DEFAULT_SIZES",
+    "DEFAULT_TASK_TRAIN_IMAGES",
     "QUADRANTS",
     "SHAPES",
     "SIDES",
@@ -91,46 +109,40 @@ __all__ = [
     "ensure_synthmed",
     "generate_synthmed",
     "load_manifest",
+    "pretrain_file",
     "tree_sha256",
 ]
 
 #: Bump whenever the generator's output (pixels, text, layout) changes.
-SYNTHMED_VERSION = 1
+SYNTHMED_VERSION = 2
 
 SPLITS = ("train", "val", "test")
-DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}   # ~16 s on 2 cores at 64 px
+DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
+#: Train images whose task questions go into ``train.json`` (the fine-tuning budget).
+DEFAULT_TASK_TRAIN_IMAGES = 1000
 DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32
 
-QUADRANTS = ("left upper", "right upper", "left lower", "right lower")
-SIDES = ("left", "right")
-SHAPES = ("round", "oval", "elongated", "irregular")
-SIZES = ("small", "medium", "large")
-CONTRASTS = ("bright", "faint")
-COUNT_WORDS = ("zero", "one", "two")
-
-#: Every word of every question, answer and report (lowercase, sorted).
-SYNTHMED_WORDS: list[str] = [
-    "a", "an", "and", "are", "both", "bright", "describe", "elongated", "faint", "findings",
-    "how", "in", "irregular", "is", "large", "left", "lesion", "lesions", "lower", "many",
-    "medium", "no", "normal", "of", "on", "one", "oval", "quadrant", "right", "round",
-    "shape", "side", "size", "small", "study", "the", "there", "this", "two", "upper",
-    "what", "where", "which", "yes", "zero",
-]
-#: The only non-letter, non-space characters in the text (besides the "<image>" token).
-SYNTHMED_PUNCTUATION = ".,:?"
-
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-# Equivalent radius (radius of the circle of the same area) as a fraction of image_size.
-_SIZE_RANGE = {"small": (0.035, 0.045), "medium": (0.06, 0.07), "large": (0.085, 0.10)}
+#: P(0, 1, 2, 3 lesions): mostly several, so most task questions have a distractor.
+_COUNT_P = (0.1, 0.2, 0.35, 0.35)
+# Equivalent radius (radius of the circle of the same area) as a fraction of image_size:
+# at 64 px 3.2-3.8 / 4.8-5.4 / 6.4-7.0 px, so even a small lesion spans ~35 pixels and its
+# shape can be seen (version 1's 2.2-2.9 px small lesions were 4-5 pixels across).
+_SIZE_RANGE = {"small": (0.05, 0.06), "medium": (0.075, 0.085), "large": (0.10, 0.11)}
 # Axis ratio (major / minor) of the elliptical shapes.
-_RATIO_RANGE = {"round": (1.0, 1.1), "oval": (1.6, 2.0), "elongated": (2.8, 3.4)}
+_RATIO_RANGE = {"round": (1.0, 1.1), "elongated": (2.8, 3.4)}
 _CONTRAST_RANGE = {"bright": (70.0, 90.0), "faint": (28.0, 38.0)}
 _MIDLINE_GAP_PX = 2          # lesion pixels keep this many columns/rows off each midline
 _MIN_LESION_PX = 3
-_P_YES = 0.75                # closed questions on an image with lesions: P(ask about a present one)
+_PLACEMENT_TRIES = 4000     # rare: a large elongated lesion in a small body needs a diagonal fit
 _MANIFEST = "manifest.json"
 _PNG = {"format": "PNG", "compress_level": 6, "optimize": False}
+
+
+def pretrain_file(split: str) -> str:
+    """File name of a split's pre-training corpus (``pretrain_<split>.json``)."""
+    return f"pretrain_{split}.json"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -230,11 +242,11 @@ def _place_lesion(rng, u, v, size, allowed, quadrant, shape, size_name, contrast
     region = np.zeros_like(allowed)
     region[r0:r1, c0:c1] = True
     region &= allowed
-    for _ in range(400):
+    for _ in range(_PLACEMENT_TRIES):
         r_eq = rng.uniform(*_SIZE_RANGE[size_name])
         theta = rng.uniform(0.0, math.pi)
         if shape == "irregular":
-            amps = np.array([rng.uniform(0.05, 0.12), rng.uniform(0.18, 0.28), rng.uniform(0.08, 0.15)])
+            amps = np.array([rng.uniform(0.08, 0.15), rng.uniform(0.25, 0.35), rng.uniform(0.10, 0.18)])
             phases = rng.uniform(0.0, 2 * math.pi, 3)
             r_base = r_eq / math.sqrt(1.0 + float(np.sum(amps ** 2)) / 2.0)
             half_x = half_y = r_base * (1.0 + float(amps.sum()))
@@ -264,20 +276,25 @@ def _place_lesion(rng, u, v, size, allowed, quadrant, shape, size_name, contrast
                        f"of a {size}px image; use a larger image_size")
 
 
+def _distinct_values(rng: np.random.Generator, values: Sequence[str], k: int) -> list[str]:
+    """``k`` values, all different while ``k <= len(values)`` (then repeating a permutation)."""
+    order = rng.permutation(len(values))
+    return [values[int(order[i % len(values)])] for i in range(k)]
+
+
 def _render(seed: int, split: str, index: int, size: int):
-    """One image: uint8 RGB array, uint8 label mask, lesions (quadrant order), question rng."""
+    """One image: uint8 RGB array, uint8 label mask, lesions (quadrant order), text rng."""
     anatomy_rng, lesion_rng, text_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence([seed, _SPLIT_CODE[split], index]).spawn(3))
     v, u = (np.mgrid[0:size, 0:size].astype(np.float64) + 0.5) / size
     img, allowed = _anatomy(anatomy_rng, u, v, size)
-    count = int(lesion_rng.integers(0, 3))
+    count = int(lesion_rng.choice(len(_COUNT_P), p=_COUNT_P))
     quadrants = sorted(lesion_rng.choice(len(QUADRANTS), size=count, replace=False).tolist())
-    lesions = []
-    for q in quadrants:
-        shape = SHAPES[int(lesion_rng.integers(len(SHAPES)))]
-        size_name = SIZES[int(lesion_rng.integers(len(SIZES)))]
-        contrast = CONTRASTS[int(lesion_rng.integers(len(CONTRASTS)))]
-        lesions.append(_place_lesion(lesion_rng, u, v, size, allowed, QUADRANTS[q], shape, size_name, contrast))
+    shapes = _distinct_values(lesion_rng, SHAPES, count)
+    sizes = _distinct_values(lesion_rng, SIZES, count)
+    contrasts = _distinct_values(lesion_rng, CONTRASTS, count)
+    lesions = [_place_lesion(lesion_rng, u, v, size, allowed, QUADRANTS[q], shapes[i], sizes[i], contrasts[i])
+               for i, q in enumerate(quadrants)]
     labels = np.zeros((size, size), np.uint8)
     for k, lesion in enumerate(lesions, start=1):
         texture = 1.0 + 0.08 * lesion_rng.normal(0, 1, (size, size))
@@ -288,113 +305,68 @@ def _render(seed: int, split: str, index: int, size: int):
     return np.repeat(gray[:, :, None], 3, axis=2), labels, lesions, text_rng
 
 
-# --------------------------------------------------------------------------- text
-
-
-def _pick(rng, options):
-    return options[int(rng.integers(len(options)))]
-
-
-def _closed(rng, present: Sequence[str], absent: Sequence[str]) -> tuple[str, str]:
-    """Pick a value to ask about: a present one with P=_P_YES when both kinds exist."""
-    if present and (not absent or rng.random() < _P_YES):
-        return _pick(rng, list(present)), "yes"
-    return _pick(rng, list(absent)), "no"
-
-
-def _with_article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _lesion_phrase(lesion: _Lesion) -> str:
-    return f"a {lesion.size} {lesion.shape} {lesion.contrast} lesion in the {lesion.quadrant} quadrant"
-
-
-def _report(lesions: list[_Lesion]) -> str:
-    if not lesions:
-        return "no lesion. normal study."
-    if len(lesions) == 1:
-        return f"one lesion: {_lesion_phrase(lesions[0])}."
-    return f"two lesions: {_lesion_phrase(lesions[0])} and {_lesion_phrase(lesions[1])}."
-
-
-def _questions(rng, lesions: list[_Lesion]) -> list[tuple[str, str, str, str]]:
-    """``(question_type, answer_type, question, answer)`` for one image."""
-    k = len(lesions)
-    out = []
-    # closed ------------------------------------------------------------------
-    if rng.random() < 0.5:
-        out.append(("presence", "closed", "is there a lesion?", "yes" if k else "no"))
-    else:
-        out.append(("presence", "closed", "is this a normal study?", "no" if k else "yes"))
-    present_q = [les.quadrant for les in lesions]
-    q, ans = _closed(rng, present_q, [x for x in QUADRANTS if x not in present_q])
-    out.append(("quadrant", "closed", f"is there a lesion in the {q} quadrant?", ans))
-    for qtype, values, attr, template in (
-        ("side", SIDES, "side", "is there a lesion on the {} side?"),
-        ("shape", SHAPES, "shape", "is there {} lesion?"),
-        ("size", SIZES, "size", "is there {} lesion?"),
-        ("contrast", CONTRASTS, "contrast", "is there {} lesion?"),
-    ):
-        present = sorted({getattr(les, attr) for les in lesions}, key=values.index)
-        value, ans = _closed(rng, present, [x for x in values if x not in present])
-        filler = value if qtype == "side" else _with_article(value)
-        out.append((qtype, "closed", template.format(filler), ans))
-    # open --------------------------------------------------------------------
-    out.append(("count", "open", "how many lesions are there?", COUNT_WORDS[k]))
-    if k:
-        sides = {les.side for les in lesions}
-        side = "both" if len(sides) == 2 else sides.pop()
-        if k == 1:
-            out.append(("quadrant", "open", "where is the lesion?", f"{lesions[0].quadrant} quadrant"))
-            out.append(("side", "open", "which side is the lesion on?", side))
-        else:
-            where = " and ".join(f"{les.quadrant} quadrant" for les in lesions)
-            out.append(("quadrant", "open", "where are the lesions?", where))
-            out.append(("side", "open", "which side are the lesions on?", side))
-        target = _pick(rng, lesions)
-        ref = "the lesion" if k == 1 else f"the lesion in the {target.quadrant} quadrant"
-        out.append(("shape", "open", f"what is the shape of {ref}?", target.shape))
-        out.append(("size", "open", f"what is the size of {ref}?", target.size))
-    out.append(("report", "report", "describe the findings.", _report(lesions)))
-    return out
-
-
 # --------------------------------------------------------------------------- generation
 
 
-def _generate_chunk(root: str, seed: int, split: str, indices: Sequence[int], size: int, id_width: int):
+def _record(image_id: str, image_rel: str, mask_rel: str, question) -> dict:
+    qtype, atype, text, answer, _, extra = question
+    suffix = f"{qtype}-{atype}" if qtype != atype else qtype
+    return {"id": f"{image_id}-{suffix}", "image_id": image_id, "image": image_rel, "mask": mask_rel,
+            "conversations": [{"from": "human", "value": f"<image>\n{text}"}, {"from": "gpt", "value": answer}],
+            "answer_type": atype, "question_type": qtype, **extra}
+
+
+def _unique_ids(records: list[dict]) -> list[dict]:
+    """Numbers repeated ids of one image (``-2``, ``-3`` ...) in order."""
+    seen: Counter = Counter()
+    for record in records:
+        seen[record["id"]] += 1
+        if seen[record["id"]] > 1:
+            record["id"] = f"{record['id']}-{seen[record['id']]}"
+    return records
+
+
+def _generate_chunk(root: str, seed: int, split: str, indices: Sequence[int], size: int, id_width: int,
+                    task_images: int):
     """Render, write and describe a run of images (runs in worker processes too)."""
     root_path = Path(root)
     results = []
     for index in indices:
         image_id = f"{split}-{index:0{id_width}d}"
         rgb, labels, lesions, text_rng = _render(seed, split, index, size)
-        image_rel, mask_rel = f"images/{image_id}.png", f"masks/{image_id}.png"
+        image_rel, label_rel = f"images/{image_id}.png", f"masks/{image_id}.png"
         Image.fromarray(rgb).save(root_path / image_rel, **_PNG)
-        Image.fromarray(labels).save(root_path / mask_rel, **_PNG)
-        records = []
-        for qtype, atype, question, answer in _questions(text_rng, lesions):
-            records.append({
-                "id": f"{image_id}-{qtype}-{atype}" if qtype != atype else f"{image_id}-{qtype}",
-                "image_id": image_id,
-                "image": image_rel,
-                "mask": mask_rel,
-                "conversations": [{"from": "human", "value": f"<image>\n{question}"},
-                                  {"from": "gpt", "value": answer}],
-                "answer_type": atype,
-                "question_type": qtype,
-            })
-        annotation = {"id": image_id, "image": image_rel, "mask": mask_rel, "lesions": []}
-        for label, les in enumerate(lesions, start=1):
+        Image.fromarray(labels).save(root_path / label_rel, **_PNG)
+        facts = [LesionFacts(k, les.quadrant, les.shape, les.size, les.contrast)
+                 for k, les in enumerate(lesions, start=1)]
+        every = tuple(f.label for f in facts)
+        written: dict[tuple[int, ...], str] = {every: label_rel, (): label_rel}
+
+        def mask_for(which: tuple[int, ...]) -> str:
+            if which not in written:   # the lesions a question concerns, as a 0/255 mask
+                rel = f"masks/{image_id}-{''.join(str(k) for k in which)}.png"
+                binary = np.isin(labels, which).astype(np.uint8) * 255
+                Image.fromarray(binary).save(root_path / rel, **_PNG)
+                written[which] = rel
+            return written[which]
+
+        pretrain = [_record(image_id, image_rel, mask_for(q[4]), q) for q in pretrain_questions(text_rng, facts)]
+        # Task questions draw from their own stream, so the corpus does not depend on them.
+        task_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index, 1]))
+        task = [_record(image_id, image_rel, mask_for(q[4]), q) for q in task_questions(task_rng, facts)]
+        if split == "train" and index >= task_images:
+            task = []
+        annotation = {"id": image_id, "image": image_rel, "mask": label_rel, "lesions": []}
+        for fact, les in zip(facts, lesions):
             rows, cols = np.nonzero(les.mask)
             annotation["lesions"].append({
-                "label": label, "quadrant": les.quadrant, "side": les.side, "shape": les.shape,
+                "label": fact.label, "quadrant": les.quadrant, "side": les.side, "shape": les.shape,
                 "size": les.size, "contrast": les.contrast, "area": int(rows.size),
+                "mask": mask_for((fact.label,)),
                 "centroid": [round(float(cols.mean()), 3), round(float(rows.mean()), 3)],
                 "bbox": [int(cols.min()), int(rows.min()), int(cols.max()) + 1, int(rows.max()) + 1],
             })
-        results.append((index, annotation, records))
+        results.append((index, annotation, _unique_ids(pretrain), _unique_ids(task)))
     return split, results
 
 
@@ -432,6 +404,27 @@ def _resolve_sizes(n_train, n_val, n_test) -> dict[str, int]:
     return sizes
 
 
+def _answers(records: list[dict], answer_type: str) -> list[str]:
+    return [r["conversations"][1]["value"] for r in records if r["answer_type"] == answer_type]
+
+
+def _task_figures(records: list[dict]) -> dict:
+    """Answer balance and the accuracy of two readers that never route: always "no", and
+    answering the image-level question ("is there a <value> lesion anywhere?")."""
+    closed = [r for r in records if r["answer_type"] == "closed"]
+    if not closed:
+        return {"closed": 0}
+    answers = [r["conversations"][1]["value"] for r in closed]
+    return {
+        "closed": len(closed),
+        "open": sum(r["answer_type"] == "open" for r in records),
+        "closed_yes_fraction": round(answers.count("yes") / len(answers), 4),
+        "always_no_accuracy": round(answers.count("no") / len(answers), 4),
+        "pooled_reader_accuracy": round(sum(r["pooled_answer"] == a for r, a in zip(closed, answers)) / len(closed), 4),
+        "no_with_distractor": round(sum(r["distractor"] for r in closed) / max(1, answers.count("no")), 4),
+    }
+
+
 def generate_synthmed(
     out_dir: str | os.PathLike,
     *,
@@ -439,6 +432,7 @@ def generate_synthmed(
     n_train: int = DEFAULT_SIZES["train"],
     n_val: int = DEFAULT_SIZES["val"],
     n_test: int = DEFAULT_SIZES["test"],
+    task_train_images: int = DEFAULT_TASK_TRAIN_IMAGES,
     image_size: int = DEFAULT_IMAGE_SIZE,
     workers: int | None = None,
     progress: bool = True,
@@ -446,17 +440,20 @@ def generate_synthmed(
 ) -> dict:
     """Generate SynthMed into ``out_dir`` and return its manifest (also ``out_dir/manifest.json``).
 
-    ``workers``: processes to render with (``None``: up to 4, one per CPU; ``1``: in
-    this process). The output does not depend on it. The tree is built in a temporary
-    sibling directory and moved into place when complete, so a partial ``out_dir``
-    never exists. An existing ``out_dir`` is replaced only if it is empty or a previous
-    SynthMed generation (it has our ``manifest.json``); anything else raises
-    ``FileExistsError``.
+    ``task_train_images``: the first this many train images get task questions in
+    ``train.json`` (all images are in the pre-training corpus). ``workers``: processes to
+    render with (``None``: up to 4, one per CPU; ``1``: in this process). The output does
+    not depend on it. The tree is built in a temporary sibling directory and moved into
+    place when complete, so a partial ``out_dir`` never exists. An existing ``out_dir`` is
+    replaced only if it is empty or a previous SynthMed generation (it has our
+    ``manifest.json``); anything else raises ``FileExistsError``.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"SynthMed: seed must be a non-negative int, got {seed!r}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"SynthMed: image_size must be an int >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    if isinstance(task_train_images, bool) or not isinstance(task_train_images, int) or task_train_images < 0:
+        raise ValueError(f"SynthMed: task_train_images must be a non-negative int, got {task_train_images!r}")
     sizes = _resolve_sizes(n_train, n_val, n_test)
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not replaceable(out_dir, _MANIFEST, "synthmed"):
@@ -476,6 +473,7 @@ def generate_synthmed(
                 for split, n in sizes.items() for lo in range(0, n, chunk_size)]
         results: dict[str, list] = {split: [] for split in SPLITS}
         total = sum(sizes.values())
+        args = (image_size, id_width, task_train_images)
         with tqdm(total=total, desc="SynthMed", unit="img", disable=not progress) as bar:
             pending = jobs
             if workers > 1 and len(jobs) > 1:
@@ -483,7 +481,7 @@ def generate_synthmed(
                     done = set()
                     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)),
                                              mp_context=get_context("spawn")) as pool:
-                        futures = {pool.submit(_generate_chunk, str(tmp), seed, split, idx, image_size, id_width): n
+                        futures = {pool.submit(_generate_chunk, str(tmp), seed, split, idx, *args): n
                                    for n, (split, idx) in enumerate(jobs)}
                         for future in as_completed(futures):
                             split, part = future.result()
@@ -498,22 +496,27 @@ def generate_synthmed(
                                   RuntimeWarning, stacklevel=2)
                     pending = [job for n, job in enumerate(jobs) if n not in done]
             for split, idx in pending:
-                results[split].extend(_generate_chunk(str(tmp), seed, split, idx, image_size, id_width)[1])
+                results[split].extend(_generate_chunk(str(tmp), seed, split, idx, *args)[1])
                 bar.update(len(idx))
         splits_info = {}
         for split in SPLITS:
             part = sorted(results[split], key=lambda item: item[0])
-            records = [rec for _, _, recs in part for rec in recs]
-            _write_json_list(tmp / f"{split}.json", records)
-            _write_json_list(tmp / "annotations" / f"{split}.json", [ann for _, ann, _ in part])
-            closed = [r["conversations"][1]["value"] for r in records if r["answer_type"] == "closed"]
+            pretrain = [rec for _, _, recs, _ in part for rec in recs]
+            task = [rec for _, _, _, recs in part for rec in recs]
+            _write_json_list(tmp / pretrain_file(split), pretrain)
+            _write_json_list(tmp / f"{split}.json", task)
+            _write_json_list(tmp / "annotations" / f"{split}.json", [ann for _, ann, _, _ in part])
+            closed = _answers(pretrain, "closed")
             splits_info[split] = {
                 "images": len(part),
-                "records": len(records),
-                "lesion_counts": dict(sorted(Counter(len(ann["lesions"]) for _, ann, _ in part).items())),
-                "answer_types": dict(sorted(Counter(r["answer_type"] for r in records).items())),
-                "question_types": dict(sorted(Counter(r["question_type"] for r in records).items())),
-                "closed_yes_fraction": round(closed.count("yes") / len(closed), 4) if closed else None,
+                "lesion_counts": dict(sorted(Counter(len(ann["lesions"]) for _, ann, _, _ in part).items())),
+                "pretrain": {
+                    "records": len(pretrain),
+                    "question_types": dict(sorted(Counter(r["question_type"] for r in pretrain).items())),
+                    "closed_yes_fraction": round(closed.count("yes") / len(closed), 4) if closed else None,
+                },
+                "task": {"records": len(task), "images": len({r["image_id"] for r in task}),
+                         **_task_figures(task)},
             }
         manifest = {
             "name": "synthmed",
@@ -521,9 +524,10 @@ def generate_synthmed(
             "seed": seed,
             "image_size": image_size,
             "sizes": sizes,
+            "task_train_images": task_train_images,
             "splits": splits_info,
-            "mask_format": "uint8 PNG, 0 = background, i = i-th lesion (quadrant order: "
-                           + ", ".join(QUADRANTS) + ")",
+            "mask_format": "uint8 PNG; masks/<id>.png: 0 = background, i = i-th lesion (quadrant order: "
+                           + ", ".join(QUADRANTS) + "); masks/<id>-<labels>.png: 0/255 mask of those lesions",
             "side_convention": "viewer's (image) left/right",
             "words": SYNTHMED_WORDS,
             "files": {p.relative_to(tmp).as_posix(): _file_sha256(p)
@@ -556,6 +560,7 @@ def ensure_synthmed(
     n_train: int = DEFAULT_SIZES["train"],
     n_val: int = DEFAULT_SIZES["val"],
     n_test: int = DEFAULT_SIZES["test"],
+    task_train_images: int = DEFAULT_TASK_TRAIN_IMAGES,
     image_size: int = DEFAULT_IMAGE_SIZE,
     workers: int | None = None,
     progress: bool = True,
@@ -565,26 +570,30 @@ def ensure_synthmed(
     ``verify`` the tree sha256), else (re)generate it. Returns the manifest."""
     manifest = load_manifest(out_dir)
     wanted = {"version": SYNTHMED_VERSION, "seed": seed, "image_size": image_size,
-              "sizes": _resolve_sizes(n_train, n_val, n_test)}
+              "sizes": _resolve_sizes(n_train, n_val, n_test), "task_train_images": task_train_images}
     if manifest is not None and all(manifest.get(k) == v for k, v in wanted.items()):
         if not verify or tree_sha256(out_dir) == manifest.get("tree_sha256"):
             return manifest
     return generate_synthmed(out_dir, seed=seed, n_train=n_train, n_val=n_val, n_test=n_test,
-                             image_size=image_size, workers=workers, progress=progress)
+                             task_train_images=task_train_images, image_size=image_size, workers=workers,
+                             progress=progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medalign_platform.synthmed.generator", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m medalign_platform.synthmed.generator",
+                                     description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-train", type=int, default=DEFAULT_SIZES["train"])
     parser.add_argument("--n-val", type=int, default=DEFAULT_SIZES["val"])
     parser.add_argument("--n-test", type=int, default=DEFAULT_SIZES["test"])
+    parser.add_argument("--task-train-images", type=int, default=DEFAULT_TASK_TRAIN_IMAGES)
     parser.add_argument("--image-size", type=int, default=DEFAULT_IMAGE_SIZE)
     parser.add_argument("--workers", type=int, default=None)
     args = parser.parse_args(argv)
     manifest = generate_synthmed(args.out_dir, seed=args.seed, n_train=args.n_train, n_val=args.n_val,
-                                 n_test=args.n_test, image_size=args.image_size, workers=args.workers)
+                                 n_test=args.n_test, task_train_images=args.task_train_images,
+                                 image_size=args.image_size, workers=args.workers)
     print(json.dumps({k: manifest[k] for k in ("version", "seed", "sizes", "splits", "tree_sha256",
                                                "generation_seconds")}, indent=2))
     return 0

@@ -79,6 +79,7 @@ def tiny_student(
     num_kv_heads: int = 2,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    vision_feature_layer: int = -2,
     seed: int = 0,
 ) -> Path:
     """Builds, saves and returns the directory of a tiny random LLaVA student.
@@ -89,6 +90,8 @@ def tiny_student(
     Args:
         out_dir: where ``save_pretrained`` writes model, tokenizer and processor.
         words: tokenizer vocabulary (a default set of scan/VQA words if None).
+        vision_feature_layer: the vision hidden state the projector reads (LLaVA-1.5: -2,
+            the second to last; -1 uses every vision layer).
         seed: weights are a deterministic function of the seed.
 
     Returns:
@@ -146,7 +149,7 @@ def tiny_student(
             tie_word_embeddings=False,
         ),
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
-        vision_feature_layer=-2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         image_seq_length=num_visual,
         projector_hidden_act="gelu",

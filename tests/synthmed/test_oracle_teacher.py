@@ -1,0 +1,109 @@
+"""The SynthMed oracle teacher: exact targets from masks, per-question caching, config wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medalign_platform.core.losses import teacher_attention_map, teacher_similarity
+from medalign_platform.run.evaluation import TargetLookup, build_teacher, load_split, precompute_targets
+from medalign_platform.synthmed.generator import generate_synthmed
+from medalign_platform.synthmed.oracle_teacher import (
+    MAX_LESIONS,
+    OracleRequest,
+    OracleTeacher,
+    build_oracle_teacher,
+    oracle_targets,
+)
+
+FACTORY = "medalign_platform.synthmed.oracle_teacher:build_oracle_teacher"
+
+
+def _labels() -> np.ndarray:
+    """16x16 labels on a 4x4 grid of 4x4-pixel cells: lesion 1 fills cells 0 and 1, lesion 2
+    covers half of cell 15."""
+    labels = np.zeros((16, 16), np.uint8)
+    labels[0:4, 0:8] = 1
+    labels[12:16, 14:16] = 2
+    return labels
+
+
+def test_attention_is_the_relevant_lesions_area_share_per_cell():
+    labels = _labels()
+    tokens, attention = oracle_targets(labels, labels == 2, (4, 4))
+    assert attention.sum() == pytest.approx(1.0) and attention[15] == pytest.approx(1.0)
+    _, attention = oracle_targets(labels, labels == 1, (4, 4))
+    assert attention[[0, 1]].tolist() == [0.5, 0.5] and attention.sum() == pytest.approx(1.0)
+    _, uniform = oracle_targets(labels, np.zeros_like(labels, bool), (4, 4))
+    assert np.allclose(uniform, 1 / 16)
+    assert tokens.shape == (16, 1 + MAX_LESIONS)
+    assert tokens[0].tolist() == [0, 1, 0, 0] and tokens[5].tolist() == [1, 0, 0, 0]
+    assert tokens[15].tolist() == [0.5, 0, 0.5, 0] and np.allclose(tokens.sum(1), 1)
+    with pytest.raises(ValueError, match="teacher.grid"):
+        oracle_targets(labels, None, (3, 3))
+
+
+def test_similarity_target_is_a_lesion_background_block_structure():
+    tokens, attention = oracle_targets(_labels(), _labels() == 1, (4, 4))
+    similarity = teacher_similarity(torch.from_numpy(tokens)[None], (4, 4), (4, 4))[0]
+    assert similarity[0, 1] == pytest.approx(1.0)          # same lesion
+    assert similarity[2, 5] == pytest.approx(1.0)          # background with background
+    assert similarity[0, 5] == pytest.approx(0.0, abs=1e-6)  # lesion vs background
+    assert similarity[0, 15] == pytest.approx(0.0, abs=1e-6)  # lesion 1 vs a cell of lesion 2 and background
+    assert 0.6 < similarity[15, 5] < 0.8                     # half background: in between (cos 45 deg)
+    mapped = teacher_attention_map(torch.from_numpy(attention)[None], (4, 4), (4, 4))[0]
+    assert mapped[[0, 1]].tolist() == [1.0, 1.0] and mapped.sum() == pytest.approx(2.0)
+
+
+def test_factory_builds_the_oracle_and_names_bad_grids():
+    teacher = build_teacher({"factory": FACTORY, "grid": [8, 8], "name": "synthmed-oracle"})
+    assert isinstance(teacher, OracleTeacher) and teacher.grid == (8, 8) and teacher.per_question
+    assert build_oracle_teacher({"grid": 4}).grid == (4, 4)
+    assert teacher.identity != OracleTeacher((4, 4)).identity
+    with pytest.raises(ValueError, match="teacher.grid"):
+        build_oracle_teacher({"grid": [8, 0]})
+    with pytest.raises(ValueError, match="teacher.factory"):
+        build_teacher({"factory": "medalign_platform.nowhere:build"})
+    with pytest.raises(TypeError, match="OracleRequest"):
+        teacher.encode_images(["images/x.png"])
+
+
+@pytest.fixture(scope="module")
+def synthmed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("oracle") / "synthmed"
+    generate_synthmed(root, seed=0, n_train=12, n_val=2, n_test=2, task_train_images=12, workers=1, progress=False)
+    return root
+
+
+def test_targets_are_per_question_and_cached(synthmed, tmp_path):
+    config = {"factory": FACTORY, "grid": [8, 8], "name": "synthmed-oracle", "cache_dir": str(tmp_path / "cache")}
+    data = {"train": str(synthmed / "train.json"), "image_root": str(synthmed), "validate_images": False}
+    items = load_split(data, "train")
+    # Two questions about different lesions of one image get different attention maps.
+    by_image: dict[str, list[int]] = {}
+    for i in range(len(items)):
+        by_image.setdefault(items.image_path(i), []).append(i)
+    pair = next(ix for ix in by_image.values() if len({items[i]["mask_path"] for i in ix}) > 1)
+    first, second = items[pair[0]], next(items[i] for i in pair if items[i]["mask_path"] != items[pair[0]]["mask_path"])
+    lookup = TargetLookup(config)
+    targets = lookup([first, second])
+    assert targets.grid == (8, 8) and targets.patch_tokens.shape == (2, 64, 1 + MAX_LESIONS)
+    assert torch.equal(targets.patch_tokens[0], targets.patch_tokens[1])     # same image, same structure
+    assert not torch.allclose(targets.cls_attention[0], targets.cls_attention[1])
+    for row, item in zip(targets.cls_attention, (first, second)):
+        mask = torch.from_numpy(item["mask"]).float()
+        share = mask.reshape(8, 8, 8, 8).sum((1, 3)).flatten()
+        torch.testing.assert_close(row, share / share.sum())
+    with pytest.raises(TypeError, match="depend on the question"):
+        lookup([first["image_path"]])
+    # The driver's precompute fills the cache per item; a worker's lookup then only reads.
+    stats = precompute_targets(config, items)
+    assert stats["images"] == len(items) and stats["corrupt"] == 0
+    again = TargetLookup(config)
+    reread = again([first, second])
+    assert again.cache.stats.hits == 2 and again.cache.stats.misses == 0
+    assert torch.equal(reread.cls_attention, targets.cls_attention)
+    assert torch.equal(reread.patch_tokens, targets.patch_tokens)
+    request = OracleTeacher().request(first)
+    assert isinstance(request, OracleRequest) and request.question == first["question"]
