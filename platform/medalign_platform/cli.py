@@ -65,16 +65,24 @@ def _prepare(args) -> int:
     try:
         settings = SynthMedPrepareSettings(**options)
     except TypeError as error:
-        raise SystemExit(f"medalign prepare: {error}; valid keys: seed, n_train, n_val, n_test, cache_dir, progress")
+        raise SystemExit(f"medalign prepare: {error}; valid keys: seed, n_train, n_val, n_test, task_train_images, "
+                         "cache_dir, progress, probes")
     prepared = prepare_synthmed(settings)
     teacher, student = prepared.teacher_metrics, prepared.student_metrics
+    nan = float("nan")
     print(f"SynthMed ready in {synthmed_root(settings.cache_dir)}")
     print(f"  data:    {prepared.data_dir}")
     print(f"  teacher: {prepared.teacher_dir}  R@1 (image->text, {teacher.get('n_pairs')} test pairs) = "
-          f"{teacher.get('r_at_1', float('nan')):.3f}, CLS attention lift on lesions = "
-          f"{teacher.get('attention_lift', float('nan')):.2f}x")
-    print(f"  student: {prepared.student_dir}  val closed accuracy = {student.get('closed_accuracy', float('nan')):.3f}, "
-          f"open recall = {student.get('open_recall', float('nan')):.3f}")
+          f"{teacher.get('r_at_1', nan):.3f}, CLS attention lift on lesions = "
+          f"{teacher.get('attention_lift', nan):.2f}x")
+    pretrain, task = student.get("pretrain_val", {}), student.get("task_val_zero_shot", {})
+    print(f"  student: {prepared.student_dir}  pre-training val closed accuracy = "
+          f"{pretrain.get('closed_accuracy', nan):.3f} (text-only prior "
+          f"{student.get('baselines', {}).get('pretrain_val', {}).get('text_only_closed', nan):.3f}), "
+          f"task val zero-shot = {task.get('closed_accuracy', nan):.3f}")
+    if student.get("probes"):
+        print("  probes on the student's visual tokens (held-out accuracy): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in student["probes"].items() if isinstance(v, float) and k != "seconds"))
     return 0
 
 

@@ -105,9 +105,9 @@ DEFAULT_ARCHITECTURE: dict[str, int] = {
 
 #: Training defaults of :func:`pretrain_base_lvlm`.
 DEFAULT_TRAINING: dict[str, Any] = {
-    "steps": 400,
-    "batch_size": 32,
-    "lr": 4e-3,
+    "steps": 600,
+    "batch_size": 24,
+    "lr": 5e-3,
     "warmup_steps": 20,
     "weight_decay": 0.01,
     "max_length": 160,

@@ -124,8 +124,9 @@ DEFAULT_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 32
 
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-#: P(0, 1, 2, 3 lesions): mostly several, so most task questions have a distractor.
-_COUNT_P = (0.1, 0.2, 0.35, 0.35)
+#: P(0, 1, 2, 3 lesions): single-lesion images teach the base model to read a lesion; the
+#: task asks about images with two or three.
+_COUNT_P = (0.1, 0.3, 0.3, 0.3)
 # Equivalent radius (radius of the circle of the same area) as a fraction of image_size:
 # at 64 px 3.2-3.8 / 4.8-5.4 / 6.4-7.0 px, so even a small lesion spans ~35 pixels and its
 # shape can be seen (version 1's 2.2-2.9 px small lesions were 4-5 pixels across).
@@ -136,6 +137,8 @@ _CONTRAST_RANGE = {"bright": (70.0, 90.0), "faint": (28.0, 38.0)}
 _MIDLINE_GAP_PX = 2          # lesion pixels keep this many columns/rows off each midline
 _MIN_LESION_PX = 3
 _PLACEMENT_TRIES = 4000     # rare: a large elongated lesion in a small body needs a diagonal fit
+_RIM_MARGIN_PX = 4          # the soft rim (field 1.0-1.2) of the largest lesion reaches < 3 px out
+_FAR = 10.0                 # field value outside the computed window: no intensity there
 _MANIFEST = "manifest.json"
 _PNG = {"format": "PNG", "compress_level": 6, "optimize": False}
 
@@ -239,9 +242,14 @@ def _connected8(mask: np.ndarray) -> bool:
 
 def _place_lesion(rng, u, v, size, allowed, quadrant, shape, size_name, contrast) -> _Lesion:
     r0, r1, c0, c1 = _quadrant_box(quadrant, size)
-    region = np.zeros_like(allowed)
-    region[r0:r1, c0:c1] = True
-    region &= allowed
+    # Fields are computed on the box plus a margin that holds the soft rim (field <= 1.2)
+    # of any lesion inside it; beyond it the field is "far" (no intensity).
+    m = _RIM_MARGIN_PX
+    w0, w1, x0, x1 = max(0, r0 - m), min(size, r1 + m), max(0, c0 - m), min(size, c1 + m)
+    u_w, v_w = u[w0:w1, x0:x1], v[w0:w1, x0:x1]
+    region = np.zeros((w1 - w0, x1 - x0), bool)
+    region[r0 - w0:r1 - w0, c0 - x0:c1 - x0] = True
+    region &= allowed[w0:w1, x0:x1]
     for _ in range(_PLACEMENT_TRIES):
         r_eq = rng.uniform(*_SIZE_RANGE[size_name])
         theta = rng.uniform(0.0, math.pi)
@@ -261,16 +269,20 @@ def _place_lesion(rng, u, v, size, allowed, quadrant, shape, size_name, contrast
             continue
         cx, cy = rng.uniform(lo_u, hi_u), rng.uniform(lo_v, hi_v)
         if shape == "irregular":
-            du, dv = u - cx, v - cy
+            du, dv = u_w - cx, v_w - cy
             phi = np.arctan2(dv, du) - theta
             radius = r_base * (1.0 + amps[0] * np.cos(2 * phi + phases[0]) + amps[1] * np.cos(3 * phi + phases[1])
                                + amps[2] * np.cos(5 * phi + phases[2]))
-            field = np.hypot(du, dv) / radius
+            window = np.hypot(du, dv) / radius
         else:
-            field = _ellipse_field(u, v, cx, cy, a, b, theta)
-        mask = field <= 1.0
-        if mask.sum() < _MIN_LESION_PX or (mask & ~region).any() or not _connected8(mask):
+            window = _ellipse_field(u_w, v_w, cx, cy, a, b, theta)
+        inside = window <= 1.0
+        if inside.sum() < _MIN_LESION_PX or (inside & ~region).any() or not _connected8(inside):
             continue
+        field = np.full((size, size), _FAR)
+        field[w0:w1, x0:x1] = window
+        mask = np.zeros((size, size), bool)
+        mask[w0:w1, x0:x1] = inside
         return _Lesion(quadrant, shape, size_name, contrast, rng.uniform(*_CONTRAST_RANGE[contrast]), field, mask)
     raise RuntimeError(f"SynthMed: could not place a {size_name} {shape} lesion in the {quadrant} quadrant "
                        f"of a {size}px image; use a larger image_size")

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..common.atomic import write_text_atomic
+
 DEFAULT_CACHE_ENV = "MEDALIGN_CACHE"
 
 
@@ -40,13 +42,15 @@ class SynthMedPrepareSettings:
     n_train: int = 5000
     n_val: int = 500
     n_test: int = 500
+    task_train_images: int = 1000
     cache_dir: str | None = None
     progress: bool = True
+    probes: bool = True
 
 
 @dataclass
 class PreparedSynthMed:
-    """Paths of the three prepared stages and the teacher's quality figures."""
+    """Paths of the three prepared stages and their per-build figures."""
 
     data_dir: Path
     teacher_dir: Path
@@ -59,6 +63,19 @@ def _fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _stage_dir(root: Path, name: str, recipe: dict) -> Path:
+    return root / f"{name}-{_fingerprint(recipe)}"
+
+
+def _cached_info(target: Path, recipe: dict) -> dict | None:
+    record = target / "stage.json"
+    if record.is_file():
+        info = json.loads(record.read_text())
+        if info.get("recipe") == recipe:
+            return info
+    return None
+
+
 def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
     """Returns ``(dir, info)`` of a stage, building it only if no complete copy exists.
 
@@ -69,19 +86,18 @@ def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], di
         build: writes the stage into the given (temporary) directory and returns a JSON-able
             summary (metrics, timings) stored in ``stage.json``.
     """
-    target = root / f"{name}-{_fingerprint(recipe)}"
-    record = target / "stage.json"
-    if record.is_file():
-        info = json.loads(record.read_text())
-        if info.get("recipe") == recipe:
-            return target, info
+    target = _stage_dir(root, name, recipe)
+    info = _cached_info(target, recipe)
+    if info is not None:
+        return target, info
     tmp = root / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         summary = build(tmp)
-        info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1)}
+        info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1),
+                "cpu_seconds": round(time.process_time() - cpu, 1)}
         (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -92,7 +108,7 @@ def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], di
 
 
 # Bump when the expert CLIP recipe in expert_clip.py changes its output.
-EXPERT_CLIP_RECIPE = 1
+EXPERT_CLIP_RECIPE = 2
 RECORD_FILE = "prepared.json"
 
 
@@ -101,43 +117,108 @@ def synthmed_root(cache_dir: str | None = None) -> Path:
     return (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "synthmed"
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def build_teacher_stage(out: Path, data_dir: Path, seed: int, progress: bool) -> dict:
+    """The expert CLIP stage: train, save as open_clip local-dir, score on test pairs."""
+    from .expert_clip import evaluate_expert_clip, train_expert_clip
+
+    train_expert_clip(data_dir, out / "model", seed=seed, progress=progress)
+    return {**evaluate_expert_clip(out / "model", data_dir),
+            "weights_sha256": _sha256(out / "model" / "open_clip_model.safetensors")}
+
+
+def build_student_stage(out: Path, data_dir: Path, seed: int, progress: bool, probes: bool) -> dict:
+    """The base LVLM stage: build, then this build's figures (validation, probes, baselines)."""
+    import torch
+
+    from ..core.student import load_student
+    from .base_lvlm import pretrain_base_lvlm
+    from .baselines import answer_baselines
+    from .generator import pretrain_file
+    from .probes import probe_student
+
+    pretrain_base_lvlm(data_dir, out / "model", seed=seed, progress=progress)
+    info = json.loads((out / "model" / "training.json").read_text())
+    summary = {
+        "pretrain_val": info.get("val", {}),
+        "task_val_zero_shot": info.get("task_val_zero_shot", {}),
+        "vision": info.get("vision"),
+        "baselines": {"pretrain_val": answer_baselines(data_dir / pretrain_file("train"), data_dir / pretrain_file("val")),
+                      "task_val": answer_baselines(data_dir / "train.json", data_dir / "val.json")},
+        "weights_sha256": _sha256(out / "model" / "model.safetensors"),
+        "torch": torch.__version__,
+    }
+    if probes:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model, processor = load_student(out / "model")
+            started = time.perf_counter()
+            summary["probes"] = probe_student(model, processor, data_dir, test_split="test")
+            summary["probes"]["seconds"] = round(time.perf_counter() - started, 1)
+        finally:
+            torch.set_num_threads(previous)
+    return summary
+
+
+def _stages_concurrently(jobs: list[tuple]) -> list[tuple[Path, dict]]:
+    """Runs ``cached_stage`` jobs, the first ones in worker processes and the last one here.
+
+    The expert CLIP and the base LVLM read only the data stage, so on a machine with two
+    cores they build side by side (each on one thread), which halves that part of
+    ``prepare``. Falls back to one after the other if worker processes cannot start.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    from multiprocessing import get_context
+
+    if len(jobs) < 2 or (os.cpu_count() or 1) < 2:
+        return [cached_stage(*job) for job in jobs]
+    try:
+        with ProcessPoolExecutor(len(jobs) - 1, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(cached_stage, *job) for job in jobs[:-1]]
+            last = cached_stage(*jobs[-1])
+            return [future.result() for future in futures] + [last]
+    except BrokenProcessPool:
+        return [cached_stage(*job) for job in jobs]
+
+
 def prepare_synthmed(settings: SynthMedPrepareSettings) -> PreparedSynthMed:
     """Builds (or reuses) SynthMed data, the tiny expert CLIP and the tiny base LVLM.
 
-    Prints the teacher's held-out R@1 and attention lift and writes every figure to
-    ``<root>/prepared.json``, which ``${synthmed:...}`` config values read.
+    Writes every per-build figure (teacher retrieval and attention lift, the student's
+    validation accuracy, zero-shot task accuracy, linear probes, answer baselines, weight
+    hashes, seconds) to ``<root>/prepared.json``, which ``${synthmed:...}`` config values
+    read.
     """
-    from .base_lvlm import BASE_LVLM_VERSION, pretrain_base_lvlm
-    from .expert_clip import evaluate_expert_clip, train_expert_clip
+    from functools import partial
+
+    from .base_lvlm import BASE_LVLM_VERSION, DEFAULT_TRAINING
     from .generator import SYNTHMED_VERSION, generate_synthmed
 
     root = synthmed_root(settings.cache_dir)
-    sizes = {"n_train": settings.n_train, "n_val": settings.n_val, "n_test": settings.n_test}
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {"n_train": settings.n_train, "n_val": settings.n_val, "n_test": settings.n_test,
+             "task_train_images": settings.task_train_images}
     data_recipe = {"version": SYNTHMED_VERSION, "seed": settings.seed, **sizes}
 
     def build_data(out: Path) -> dict:
         manifest = generate_synthmed(out / "data", seed=settings.seed, progress=settings.progress, **sizes)
-        return {"tree_sha256": manifest.get("tree_sha256")}
+        return {"tree_sha256": manifest.get("tree_sha256"), "task": {s: manifest["splits"][s]["task"] for s in manifest["splits"]}}
 
     data_stage, data_info = cached_stage(root, "data", data_recipe, build_data)
     data_dir = data_stage / "data"
     upstream = {"data": data_stage.name}
-
-    def build_teacher(out: Path) -> dict:
-        train_expert_clip(data_dir, out / "model", seed=settings.seed, progress=settings.progress)
-        return evaluate_expert_clip(out / "model", data_dir)
-
-    teacher_stage, teacher_info = cached_stage(
-        root, "teacher", {"recipe": EXPERT_CLIP_RECIPE, "seed": settings.seed, **upstream}, build_teacher
-    )
-
-    def build_student(out: Path) -> dict:
-        pretrain_base_lvlm(data_dir, out / "model", seed=settings.seed, progress=settings.progress)
-        return json.loads((out / "model" / "training.json").read_text()).get("val", {})
-
-    student_stage, student_info = cached_stage(
-        root, "student", {"recipe": BASE_LVLM_VERSION, "seed": settings.seed, **upstream}, build_student
-    )
+    teacher_job = (root, "teacher", {"recipe": EXPERT_CLIP_RECIPE, "seed": settings.seed, **upstream},
+                   partial(build_teacher_stage, data_dir=data_dir, seed=settings.seed, progress=False))
+    student_job = (root, "student", {"recipe": BASE_LVLM_VERSION, "seed": settings.seed, "training": DEFAULT_TRAINING,
+                                     "probes": settings.probes, **upstream},
+                   partial(build_student_stage, data_dir=data_dir, seed=settings.seed, progress=settings.progress,
+                           probes=settings.probes))
+    (teacher_stage, teacher_info), (student_stage, student_info) = _stages_concurrently([teacher_job, student_job])
     prepared = PreparedSynthMed(
         data_dir=data_dir,
         teacher_dir=teacher_stage / "model",
@@ -150,12 +231,15 @@ def prepare_synthmed(settings: SynthMedPrepareSettings) -> PreparedSynthMed:
         "teacher": str(prepared.teacher_dir),
         "student": str(prepared.student_dir),
         "cache": str(root),
+        "data_metrics": data_info["summary"],
         "teacher_metrics": prepared.teacher_metrics,
         "student_metrics": prepared.student_metrics,
         "settings": asdict(settings),
         "seconds": {"data": data_info["seconds"], "teacher": teacher_info["seconds"], "student": student_info["seconds"]},
+        "cpu_seconds": {name: info.get("cpu_seconds") for name, info in
+                        (("data", data_info), ("teacher", teacher_info), ("student", student_info))},
     }
-    (root / RECORD_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
+    write_text_atomic(root / RECORD_FILE, json.dumps(record, indent=2, sort_keys=True))
     return prepared
 
 

@@ -5,11 +5,10 @@ Two kinds of text are written for every image (see ``generator.py`` for the file
 * **Pre-training corpus** (``pretrain_<split>.json``): what the base LVLM is trained on
   before any MedAlign run, like an LVLM's captioning and instruction data. One report per
   image ("two lesions: a large round bright lesion in the left upper quadrant and ..."),
-  and image-level questions: presence, presence in a quadrant, presence of an attribute
-  ("is there a round lesion?"), count, where the lesions are, and where the lesion with a
-  given (unique) attribute is. None of them names a location and asks what is there.
-* **Benchmark task** (``<split>.json``): location-conditioned attribute questions, one
-  closed and one open per lesion: "in the left upper quadrant, is the lesion round?",
+  presence, count and where the lesions are, and on single-lesion images the lesion's
+  shape, size and contrast. None of them names a place and asks what is there.
+* **Benchmark task** (``<split>.json``): location-conditioned attribute questions on
+  images with two or more lesions, one closed and one open per lesion: "in the left upper quadrant, is the lesion round?",
   "in the left upper quadrant, what is the shape of the lesion?". A closed question asks
   about the lesion's true value or, for a "no", about the value of *another lesion in the
   same image* whenever one differs (a distractor), so a reader that pools the whole image
@@ -50,8 +49,9 @@ SHAPES = ("round", "elongated", "irregular")
 SIZES = ("small", "medium", "large")
 CONTRASTS = ("bright", "faint")
 COUNT_WORDS = ("zero", "one", "two", "three")
-#: The attributes a task question can ask about, with their values.
-ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "size": SIZES, "contrast": CONTRASTS}
+#: The attributes a question can ask about, with their values. Shape is drawn and reported
+#: but not asked: the tiny student's 8 px patches read it poorly (see docs/synthmed.md).
+ATTRIBUTES: dict[str, tuple[str, ...]] = {"size": SIZES, "contrast": CONTRASTS}
 
 #: Every word of every question, answer and report (lowercase, sorted).
 SYNTHMED_WORDS: list[str] = [
@@ -115,45 +115,45 @@ Question = tuple[str, str, str, str, tuple[int, ...], dict]
 
 
 def pretrain_questions(rng: np.random.Generator, lesions: Sequence[LesionFacts]) -> list[Question]:
-    """Image-level questions and the report: the base model's pre-training corpus."""
+    """The base model's pre-training corpus for one image: captions and single-lesion questions.
+
+    Every image: the report, presence, count and where the lesions are. Images with one
+    lesion also get that lesion's attributes asked, closed ("is the lesion round?") and
+    open ("what is the shape of the lesion?"): the base model learns to read a lesion,
+    but never to pick one out of several by a place the question names.
+    """
     labels = tuple(lesion.label for lesion in lesions)
     k = len(lesions)
-    out: list[Question] = []
+    out: list[Question] = [("report", "report", "describe the findings.", report(lesions), labels, {})]
     out.append(("presence", "closed", "is there a lesion?", "yes" if k else "no", labels, {}))
-    present = [lesion.quadrant for lesion in lesions]
-    quadrant, answer = _closed(rng, present, [q for q in QUADRANTS if q not in present])
-    where = tuple(lesion.label for lesion in lesions if lesion.quadrant == quadrant)
-    out.append(("quadrant", "closed", f"is there a lesion in the {quadrant} quadrant?", answer, where, {}))
-    for attribute, values in ATTRIBUTES.items():
-        present = sorted({lesion.value(attribute) for lesion in lesions}, key=values.index)
-        value, answer = _closed(rng, present, [v for v in values if v not in present])
-        which = tuple(lesion.label for lesion in lesions if lesion.value(attribute) == value)
-        out.append((attribute, "closed", f"is there {_article(value)} lesion?", answer, which, {}))
     out.append(("count", "open", "how many lesions are there?", COUNT_WORDS[k], labels, {}))
     if k:
         places = " and ".join(f"{lesion.quadrant} quadrant" for lesion in lesions)
         noun = "the lesion" if k == 1 else "the lesions"
         out.append(("quadrant", "open", f"where {'is' if k == 1 else 'are'} {noun}?", places, labels, {}))
-        # attribute -> place (the reverse of the task's place -> attribute)
-        attribute = _pick(rng, list(ATTRIBUTES))
-        unique = [lesion for lesion in lesions
-                  if sum(other.value(attribute) == lesion.value(attribute) for other in lesions) == 1]
-        if unique:
-            lesion = unique[int(rng.integers(len(unique)))]
-            out.append(("locate", "open", f"where is the {lesion.value(attribute)} lesion?",
-                        f"{lesion.quadrant} quadrant", (lesion.label,), {"attribute": attribute}))
-    out.append(("report", "report", "describe the findings.", report(lesions), labels, {}))
+    if k == 1:
+        lesion = lesions[0]
+        for attribute, values in ATTRIBUTES.items():
+            value, answer = _closed(rng, [lesion.value(attribute)], [v for v in values if v != lesion.value(attribute)])
+            out.append((attribute, "closed", f"is the lesion {value}?", answer, labels, {}))
+            out.append((attribute, "open", f"what is the {attribute} of the lesion?", lesion.value(attribute),
+                        labels, {}))
     return out
 
 
 def task_questions(rng: np.random.Generator, lesions: Sequence[LesionFacts]) -> list[Question]:
     """The benchmark task: per lesion, one closed and one open location-conditioned question.
 
+    Only images with two or more lesions are asked (with one lesion there is nothing to
+    pick out), so a "no" almost always names another lesion's value.
+
     The extra fields of a closed question: ``quadrant``, ``attribute``, ``distractor``
     (its "no" value is another lesion's value) and ``pooled_answer`` (what a reader that
     pools the whole image, "is there a <value> lesion?", would answer).
     """
     out: list[Question] = []
+    if len(lesions) < 2:
+        return out
     for lesion in lesions:
         place = f"in the {lesion.quadrant} quadrant"
         attribute = _pick(rng, list(ATTRIBUTES))

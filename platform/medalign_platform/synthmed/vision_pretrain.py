@@ -32,17 +32,20 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .questions import CONTRASTS, SHAPES, SIZES
+from .questions import CONTRASTS, SIZES
 
 __all__ = ["DEFAULT_VISION_TRAINING", "load_image_tensor", "patch_targets", "pretrain_vision_tower"]
 
-DEFAULT_VISION_TRAINING = {"steps": 600, "batch_size": 64, "lr": 3e-3, "min_pixels": 4}
+DEFAULT_VISION_TRAINING = {"steps": 500, "batch_size": 32, "lr": 5e-3, "min_pixels": 4}
 
 #: Classes per head: per lesion (read from its area-weighted token average) the attribute
 #: values; per patch whether a lesion covers it and whether a lesion's centroid lies in it.
-LESION_HEADS = {"shape": len(SHAPES), "size": len(SIZES), "contrast": len(CONTRASTS)}
+LESION_HEADS = {"size": len(SIZES), "contrast": len(CONTRASTS)}
 PATCH_HEADS = {"covered": 2, "centre": 2}
-HEADS = {**LESION_HEADS, **PATCH_HEADS}
+#: Per covered patch, the attributes of the lesion covering most of it (-1 elsewhere): every
+#: token of a lesion says what the lesion is, whatever the weights a reader gives them.
+PATCH_ATTRIBUTE_HEADS = {f"patch_{name}": classes for name, classes in LESION_HEADS.items()}
+HEADS = {**LESION_HEADS, **PATCH_HEADS, **PATCH_ATTRIBUTE_HEADS}
 MAX_LESIONS = 3
 
 
@@ -92,10 +95,13 @@ def patch_targets(labels: np.ndarray, lesions: list[dict], grid: int, min_pixels
     blocks = labels.reshape(grid, patch, grid, patch).transpose(0, 2, 1, 3).reshape(grid * grid, patch * patch)
     out = {"covered": ((blocks > 0).sum(axis=1) >= min_pixels).astype(np.int64),
            "centre": np.zeros(grid * grid, np.int64), "shares": cell_shares(labels, grid)}
-    for name, values in (("shape", SHAPES), ("size", SIZES), ("contrast", CONTRASTS)):
+    counts = np.stack([(blocks == k).sum(axis=1) for k in range(1, MAX_LESIONS + 1)], axis=1)  # [cells, K]
+    dominant = np.where(counts.max(axis=1) >= min_pixels, counts.argmax(axis=1), -1)        # lesion index
+    for name, values in (("size", SIZES), ("contrast", CONTRASTS)):
         out[name] = np.full(MAX_LESIONS, -1, np.int64)
         for lesion in lesions:
             out[name][lesion["label"] - 1] = values.index(lesion[name])
+        out[f"patch_{name}"] = np.where(dominant >= 0, out[name][np.maximum(dominant, 0)], -1)
     for lesion in lesions:
         x, y = lesion["centroid"]
         out["centre"][min(int(y // patch), grid - 1) * grid + min(int(x // patch), grid - 1)] = 1
@@ -121,6 +127,8 @@ def dense_losses(heads: nn.ModuleDict, tokens: torch.Tensor, targets: dict[str, 
     out = {name: F.cross_entropy(heads[name](tokens).flatten(0, 1), targets[name].flatten()) for name in PATCH_HEADS}
     for name in LESION_HEADS:
         out[name] = F.cross_entropy(heads[name](pooled).flatten(0, 1), targets[name].flatten(), ignore_index=-1)
+    for name in PATCH_ATTRIBUTE_HEADS:
+        out[name] = F.cross_entropy(heads[name](tokens).flatten(0, 1), targets[name].flatten(), ignore_index=-1)
     return out
 
 
@@ -133,7 +141,7 @@ def _flip(pixels: torch.Tensor, targets: dict[str, torch.Tensor], grid: int, fla
         if not flag.any():
             continue
         pixels[flag] = pixels[flag].flip(dim)
-        for name in ("covered", "centre", "shares"):
+        for name in ("covered", "centre", "shares", *PATCH_ATTRIBUTE_HEADS):
             value = targets[name].clone()
             cells = value[flag].reshape(*value[flag].shape[:-1], grid, grid).flip(dim)
             value[flag] = cells.flatten(-2)
@@ -238,6 +246,9 @@ def pretrain_vision_tower(model, processor, data_dir: str | Path, *, seed: int =
         for name in LESION_HEADS:
             present = val_targets[name] >= 0
             accuracy[name] = float((heads[name](pooled).argmax(-1) == val_targets[name])[present].float().mean())
+        for name in PATCH_ATTRIBUTE_HEADS:
+            covered = val_targets[name] >= 0
+            accuracy[name] = float((heads[name](tokens).argmax(-1) == val_targets[name])[covered].float().mean())
         record["val_accuracy"] = accuracy
     record["seconds"] = {"train": round(train_seconds, 2), "total": round(time.perf_counter() - start, 2)}
     return record
