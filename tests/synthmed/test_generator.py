@@ -1,4 +1,4 @@
-"""SynthMed generator: determinism, agreement of every answer with the masks, format."""
+"""SynthMed generator: determinism, agreement of every answer with the masks, format, the task's traps."""
 
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from medalign_platform.synthmed.generator import (
     ensure_synthmed,
     generate_synthmed,
     load_manifest,
+    pretrain_file,
     tree_sha256,
 )
+from medalign_platform.synthmed.questions import ATTRIBUTES
 
-SMALL = {"n_train": 40, "n_val": 10, "n_test": 10, "image_size": 64, "progress": False}
-COUNT_WORDS = ["zero", "one", "two"]
+SMALL = {"n_train": 40, "n_val": 10, "n_test": 10, "task_train_images": 30, "image_size": 64, "progress": False}
+COUNT_WORDS = ["zero", "one", "two", "three"]
+SPLITS = ("train", "val", "test")
 
 
 def _tree_hash(root: Path) -> str:
@@ -49,11 +52,17 @@ def generated(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def dataset(generated):
+    """``(root, pretrain records, task records, annotations by image id)`` of generation a."""
     root = generated[0] / "a"
-    records = {split: json.loads((root / f"{split}.json").read_text()) for split in ("train", "val", "test")}
-    annotations = {ann["id"]: ann for split in ("train", "val", "test")
+    pretrain = {split: json.loads((root / pretrain_file(split)).read_text()) for split in SPLITS}
+    task = {split: json.loads((root / f"{split}.json").read_text()) for split in SPLITS}
+    annotations = {ann["id"]: ann for split in SPLITS
                    for ann in json.loads((root / "annotations" / f"{split}.json").read_text())}
-    return root, records, annotations
+    return root, pretrain, task, annotations
+
+
+def _all(records: dict) -> list[dict]:
+    return [r for recs in records.values() for r in recs]
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -106,147 +115,166 @@ def test_different_seed_gives_different_files(generated):
     assert (base / "a" / "images" / "train-00000.png").read_bytes() != (base / "c" / "images" / "train-00000.png").read_bytes()
 
 
-def test_manifest(generated):
+def test_manifest(generated, dataset):
     base, a, _, _ = generated
+    _, pretrain, task, _ = dataset
     manifest = load_manifest(base / "a")
-    assert manifest["version"] == SYNTHMED_VERSION and manifest["seed"] == 0
+    assert manifest["version"] == SYNTHMED_VERSION and manifest["seed"] == 0 and manifest["task_train_images"] == 30
     assert manifest["sizes"] == {"train": 40, "val": 10, "test": 10}
     for split, n in manifest["sizes"].items():
-        assert manifest["splits"][split]["images"] == n
-        assert manifest["splits"][split]["records"] == len(json.loads((base / "a" / f"{split}.json").read_text()))
+        info = manifest["splits"][split]
+        assert info["images"] == n and info["pretrain"]["records"] == len(pretrain[split])
+        assert info["task"]["records"] == len(task[split])
+        closed = [r for r in task[split] if r["answer_type"] == "closed"]
+        assert info["task"]["closed"] == len(closed)
+        if closed:
+            assert info["task"]["pooled_reader_accuracy"] == round(
+                sum(r["pooled_answer"] == r["conversations"][1]["value"] for r in closed) / len(closed), 4)
     for rel, digest in manifest["files"].items():
         assert hashlib.sha256((base / "a" / rel).read_bytes()).hexdigest() == digest
-    assert len(list((base / "a" / "images").glob("*.png"))) == 60 == len(list((base / "a" / "masks").glob("*.png")))
+    assert len(list((base / "a" / "images").glob("*.png"))) == 60
+    # only the first task_train_images train images are asked the task
+    assert max(int(r["image_id"].split("-")[1]) for r in task["train"]) < 30
 
 
 def test_records_follow_the_llava_conversation_format(dataset):
-    root, records, _ = dataset
+    root, pretrain, task, annotations = dataset
     ids = set()
-    for split, recs in records.items():
-        image_ids = {r["image_id"] for r in recs}
-        assert len(image_ids) == {"train": 40, "val": 10, "test": 10}[split]
-        for r in recs:
-            assert set(r) == {"id", "image_id", "image", "mask", "conversations", "answer_type", "question_type"}
-            assert r["id"] not in ids
-            ids.add(r["id"])
+    for kind, records in (("pretrain", pretrain), ("task", task)):
+        for r in _all(records):
+            base_keys = {"id", "image_id", "image", "mask", "conversations", "answer_type", "question_type"}
+            extra = set(r) - base_keys
+            assert base_keys <= set(r)
+            if kind == "pretrain":
+                assert extra == set() and r["answer_type"] in {"closed", "open", "report"}
+                assert r["question_type"] in {"presence", "quadrant", "count", "report", *ATTRIBUTES}
+            else:
+                assert r["answer_type"] in {"closed", "open"} and r["question_type"] in ATTRIBUTES
+                wanted = {"quadrant", "attribute", "distractor", "pooled_answer"} if r["answer_type"] == "closed" \
+                    else {"quadrant", "attribute"}
+                assert extra == wanted
+            assert (kind, r["id"]) not in ids
+            ids.add((kind, r["id"]))
             assert r["image"] == f"images/{r['image_id']}.png" and (root / r["image"]).is_file()
-            assert r["mask"] == f"masks/{r['image_id']}.png" and (root / r["mask"]).is_file()
+            assert r["mask"].startswith(f"masks/{r['image_id']}") and (root / r["mask"]).is_file()
             human, gpt = r["conversations"]
             assert human["from"] == "human" and human["value"].startswith("<image>\n")
             assert gpt["from"] == "gpt" and gpt["value"]
-            assert r["answer_type"] in {"closed", "open", "report"}
-            assert r["question_type"] in {"presence", "side", "quadrant", "shape", "size", "contrast", "count", "report"}
-            assert (r["answer_type"] == "report") == (r["question_type"] == "report")
-        counts = Counter(r["image_id"] for r in recs if r["answer_type"] == "report")
-        assert set(counts.values()) == {1}
-    with Image.open(root / records["train"][0]["image"]) as im:
+        if kind == "pretrain":
+            counts = Counter(r["image_id"] for r in _all(records) if r["answer_type"] == "report")
+            assert set(counts.values()) == {1} and len(counts) == len(annotations)
+    with Image.open(root / pretrain["train"][0]["image"]) as im:
         assert im.mode == "RGB" and im.size == (64, 64)
-    with Image.open(root / records["train"][0]["mask"]) as im:
+    with Image.open(root / pretrain["train"][0]["mask"]) as im:
         assert im.mode == "L" and im.size == (64, 64)
 
 
 def test_all_text_uses_the_small_vocabulary(dataset):
-    _, records, _ = dataset
+    _, pretrain, task, _ = dataset
     assert SYNTHMED_WORDS == sorted(set(SYNTHMED_WORDS)) and all(w.isalpha() and w.islower() for w in SYNTHMED_WORDS)
     allowed = set(SYNTHMED_WORDS) | set(SYNTHMED_PUNCTUATION)
     used = Counter()
-    for recs in records.values():
-        for r in recs:
-            for text in (r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"]):
-                assert text == text.strip() and "  " not in text
-                tokens = re.findall(r"[a-z]+|\S", text)
-                assert set(tokens) <= allowed, (text, set(tokens) - allowed)
-                used.update(t for t in tokens if t.isalpha())
-    assert len(set(used)) >= 0.9 * len(SYNTHMED_WORDS)
+    for r in _all(pretrain) + _all(task):
+        for text in (r["conversations"][0]["value"].removeprefix("<image>\n"), r["conversations"][1]["value"]):
+            assert text == text.strip() and "  " not in text
+            tokens = re.findall(r"[a-z]+|\S", text)
+            assert set(tokens) <= allowed, (text, set(tokens) - allowed)
+            used.update(t for t in tokens if t.isalpha())
+    assert set(used) == set(SYNTHMED_WORDS)
 
 
-def test_closed_answers_are_yes_no_and_balanced(dataset):
-    _, records, _ = dataset
-    closed = [r["conversations"][1]["value"] for recs in records.values() for r in recs if r["answer_type"] == "closed"]
-    assert len(closed) >= 300
-    assert set(closed) == {"yes", "no"}
-    assert 0.35 <= closed.count("yes") / len(closed) <= 0.65
-    for recs in records.values():
-        for r in recs:
-            if r["answer_type"] != "closed":
-                assert r["conversations"][1]["value"] not in {"yes", "no"}
+def test_task_closed_answers_are_balanced_and_every_no_names_another_lesion(dataset):
+    _, _, task, annotations = dataset
+    closed = [r for r in _all(task) if r["answer_type"] == "closed"]
+    assert len(closed) >= 60
+    answers = [r["conversations"][1]["value"] for r in closed]
+    assert set(answers) == {"yes", "no"} and 0.35 <= answers.count("yes") / len(answers) <= 0.65
+    for r in closed:
+        lesions = annotations[r["image_id"]]["lesions"]
+        assert len(lesions) >= 2
+        value = re.fullmatch(r"in the (\w+ \w+) quadrant, is the lesion (\w+)\?",
+                             r["conversations"][0]["value"].removeprefix("<image>\n")).group(2)
+        others = {les[r["attribute"]] for les in lesions if les["quadrant"] != r["quadrant"]}
+        if r["conversations"][1]["value"] == "no":
+            assert r["distractor"] == (value in others)
+        else:
+            assert not r["distractor"]
+        assert r["pooled_answer"] == ("yes" if any(les[r["attribute"]] == value for les in lesions) else "no")
+    # a reader of the whole image that ignores the place is at chance at best
+    assert sum(r["pooled_answer"] == r["conversations"][1]["value"] for r in closed) / len(closed) < 0.6
+    assert sum(r["distractor"] for r in closed) / answers.count("no") > 0.9
 
 
-def test_every_answer_agrees_with_the_mask(dataset):
-    root, records, annotations = dataset
-    truths = {}
-    for recs in records.values():
-        for r in recs:
-            image_id = r["image_id"]
-            if image_id not in truths:
-                truths[image_id] = _truth(root, image_id)
-            t = truths[image_id]
-            k = len(t["components"])
-            question = r["conversations"][0]["value"].removeprefix("<image>\n")
-            answer = r["conversations"][1]["value"]
-            qtype, atype = r["question_type"], r["answer_type"]
-            if qtype == "presence":
-                lesion = question == "is there a lesion?"
-                assert lesion or question == "is this a normal study?"
-                assert answer == ("yes" if (k > 0) == lesion else "no")
-            elif qtype == "count":
-                assert answer == COUNT_WORDS[k]
-            elif qtype == "quadrant" and atype == "closed":
-                quadrant = re.fullmatch(r"is there a lesion in the (\w+ \w+) quadrant\?", question).group(1)
-                assert answer == ("yes" if quadrant in t["quadrants"] else "no")
-            elif qtype == "quadrant":
-                assert k > 0 and answer == " and ".join(f"{q} quadrant" for q in t["quadrants"])
-            elif qtype == "side" and atype == "closed":
-                side = re.fullmatch(r"is there a lesion on the (\w+) side\?", question).group(1)
-                assert answer == ("yes" if side in t["sides"] else "no")
-            elif qtype == "side":
-                assert k > 0 and answer == ("both" if len(t["sides"]) == 2 else next(iter(t["sides"])))
-            elif qtype == "report":
-                if k == 0:
-                    assert answer == "no lesion. normal study."
-                else:
-                    assert answer.startswith(f"{COUNT_WORDS[k]} lesion")
-                    assert re.findall(r"in the (\w+ \w+) quadrant", answer) == t["quadrants"]
+def test_every_answer_agrees_with_the_masks_and_annotations(dataset):
+    root, pretrain, task, annotations = dataset
+    for r in _all(pretrain) + _all(task):
+        t = _truth(root, r["image_id"])
+        lesions = annotations[r["image_id"]]["lesions"]
+        k = len(t["components"])
+        assert k == len(lesions) and [les["quadrant"] for les in lesions] == t["quadrants"]
+        question = r["conversations"][0]["value"].removeprefix("<image>\n")
+        answer = r["conversations"][1]["value"]
+        qtype, atype = r["question_type"], r["answer_type"]
+        relevant = np.asarray(Image.open(root / r["mask"])) > 0
+        if "quadrant" in r:   # a task question: about the lesion in the named place, and its mask is that lesion
+            (lesion,) = [les for les in lesions if les["quadrant"] == r["quadrant"]]
+            assert np.array_equal(relevant, t["labels"] == lesion["label"])
+            assert question.startswith(f"in the {r['quadrant']} quadrant, ")
+            if atype == "open":
+                assert question.endswith(f"what is the {qtype} of the lesion?") and answer == lesion[qtype]
+            else:
+                value = question.removesuffix("?").split()[-1]
+                assert value in ATTRIBUTES[qtype] and answer == ("yes" if lesion[qtype] == value else "no")
+        elif qtype == "presence":
+            assert question == "is there a lesion?" and answer == ("yes" if k else "no")
+        elif qtype == "count":
+            assert answer == COUNT_WORDS[k]
+        elif qtype == "quadrant":
+            assert k > 0 and answer == " and ".join(f"{q} quadrant" for q in t["quadrants"])
+        elif qtype == "report":
+            if k == 0:
+                assert answer == "no lesion. normal study."
+            else:
+                assert answer.startswith(f"{COUNT_WORDS[k]} lesion")
+                assert re.findall(r"in the (\w+ \w+) quadrant", answer) == t["quadrants"]
+        else:   # single-lesion attribute questions of the pre-training corpus
+            assert k == 1 and qtype in ATTRIBUTES
+            if atype == "open":
+                assert answer == lesions[0][qtype]
+            else:
+                value = re.fullmatch(r"is the lesion (\w+)\?", question).group(1)
+                assert answer == ("yes" if lesions[0][qtype] == value else "no")
+        if "quadrant" not in r:
+            assert np.array_equal(relevant, t["labels"] > 0)   # image-level questions: every lesion
 
 
-def test_masks_hold_zero_to_two_separate_lesions_matching_annotations(dataset):
-    root, records, annotations = dataset
-    assert Counter(len(a["lesions"]) for a in annotations.values()).keys() == {0, 1, 2}
+def test_masks_hold_zero_to_three_separate_lesions_matching_annotations(dataset):
+    root, _, _, annotations = dataset
+    assert Counter(len(a["lesions"]) for a in annotations.values()).keys() == {0, 1, 2, 3}
     for image_id, ann in annotations.items():
         labels = np.asarray(Image.open(root / "masks" / f"{image_id}.png"))
         comps = _components(labels > 0)
         k = len(ann["lesions"])
-        assert k <= 2 and len(comps) == k
+        assert k <= 3 and len(comps) == k
         assert sorted(np.unique(labels).tolist()) == list(range(k + 1))
         quadrants = [les["quadrant"] for les in ann["lesions"]]
         assert quadrants == sorted(set(quadrants), key=QUADRANTS.index)
+        for attribute, values in (("shape", SHAPES), ("size", SIZES), ("contrast", CONTRASTS)):
+            seen = [les[attribute] for les in ann["lesions"]]
+            assert len(set(seen)) == min(k, len(values))   # different values while there are enough
         for les in ann["lesions"]:
             points = np.argwhere(labels == les["label"])
             assert len(_components(labels == les["label"])) == 1
             assert _quadrant(points, labels.shape[0]) == les["quadrant"] and les["side"] == les["quadrant"].split()[0]
             assert les["area"] == len(points)
-            assert les["shape"] in SHAPES and les["size"] in SIZES and les["contrast"] in CONTRASTS
+            single = np.asarray(Image.open(root / les["mask"]))
+            assert np.array_equal(single > 0, labels == les["label"])   # the label mask itself when k == 1
 
 
-def test_attribute_answers_agree_with_annotations_and_mask_geometry(dataset):
-    root, records, annotations = dataset
-    for recs in records.values():
-        for r in recs:
-            lesions = annotations[r["image_id"]]["lesions"]
-            question = r["conversations"][0]["value"].removeprefix("<image>\n")
-            answer = r["conversations"][1]["value"]
-            qtype = r["question_type"]
-            if qtype in ("shape", "size", "contrast") and r["answer_type"] == "closed":
-                value = re.fullmatch(r"is there an? (\w+) lesion\?", question).group(1)
-                assert answer == ("yes" if any(les[qtype] == value for les in lesions) else "no")
-            elif qtype in ("shape", "size"):
-                m = re.fullmatch(rf"what is the {qtype} of the lesion(?: in the (\w+ \w+) quadrant)?\?", question)
-                target = [les for les in lesions if m.group(1) in (None, les["quadrant"])]
-                assert len(target) == 1 and answer == target[0][qtype]
-                assert (m.group(1) is None) == (len(lesions) == 1)
-    # size classes are separated by area; elongation orders the shapes
-    lesions = [les for ann in annotations.values() for les in ann["lesions"]]
-    areas = {s: [les["area"] for les in lesions if les["size"] == s] for s in SIZES}
+def test_attribute_geometry_sizes_by_area_and_elongation_by_shape(dataset):
+    root, _, _, annotations = dataset
+    lesions = [(iid, les) for iid, ann in annotations.items() for les in ann["lesions"]]
+    areas = {s: [les["area"] for _, les in lesions if les["size"] == s] for s in SIZES}
     assert max(areas["small"]) < min(areas["medium"]) and max(areas["medium"]) < min(areas["large"])
 
     def elongation(les, image_id):
@@ -255,13 +283,12 @@ def test_attribute_answers_agree_with_annotations_and_mask_geometry(dataset):
         ev = np.linalg.eigvalsh(np.cov(pts.T) + 1e-3 * np.eye(2))
         return float(np.sqrt(ev[1] / ev[0]))
 
-    ratio = {s: np.mean([elongation(les, iid) for iid, ann in annotations.items() for les in ann["lesions"]
-                         if les["shape"] == s and les["size"] != "small"]) for s in ("round", "oval", "elongated")}
-    assert ratio["round"] < ratio["oval"] < ratio["elongated"]
+    ratio = {s: np.mean([elongation(les, iid) for iid, les in lesions if les["shape"] == s]) for s in SHAPES}
+    assert ratio["round"] < 1.3 < 2.0 < ratio["elongated"]
 
 
 def test_lesions_are_visible_in_the_image(dataset):
-    root, _, annotations = dataset
+    root, _, _, annotations = dataset
     for image_id, ann in annotations.items():
         gray = np.asarray(Image.open(root / "images" / f"{image_id}.png"), dtype=float)
         assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 0], gray[..., 2])
@@ -286,6 +313,8 @@ def test_ensure_reuses_a_matching_tree_and_regenerates_otherwise(tmp_path):
     assert again["tree_sha256"] == first["tree_sha256"] and marker.read_bytes() != b"tampered"
     other = ensure_synthmed(tmp_path / "d", seed=4, **params)
     assert other["seed"] == 4 and other["tree_sha256"] != first["tree_sha256"]
+    fewer = ensure_synthmed(tmp_path / "d", seed=4, task_train_images=1, **params)
+    assert fewer["task_train_images"] == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]    # no temporary leftovers
 
 
@@ -301,3 +330,5 @@ def test_refuses_to_replace_a_foreign_directory_and_bad_arguments(tmp_path):
         generate_synthmed(tmp_path / "x", seed=-1, progress=False)
     with pytest.raises(ValueError):
         generate_synthmed(tmp_path / "x", n_train=-5, progress=False)
+    with pytest.raises(ValueError, match="task_train_images"):
+        generate_synthmed(tmp_path / "x", task_train_images=-1, progress=False)

@@ -55,11 +55,10 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"size": SIZES, "contrast": CONTRASTS}
 
 #: Every word of every question, answer and report (lowercase, sorted).
 SYNTHMED_WORDS: list[str] = [
-    "a", "an", "and", "are", "bright", "contrast", "describe", "elongated", "faint", "findings",
-    "how", "in", "irregular", "is", "large", "left", "lesion", "lesions", "lower", "many",
-    "medium", "no", "normal", "of", "one", "oval", "quadrant", "quadrants", "right", "round",
-    "shape", "size", "small", "study", "the", "there", "three", "two", "upper", "what", "where",
-    "yes", "zero",
+    "a", "and", "are", "bright", "contrast", "describe", "elongated", "faint", "findings", "how",
+    "in", "irregular", "is", "large", "left", "lesion", "lesions", "lower", "many", "medium", "no",
+    "normal", "of", "one", "quadrant", "right", "round", "size", "small", "study", "the", "there",
+    "three", "two", "upper", "what", "where", "yes", "zero",
 ]
 #: The only non-letter, non-space characters in the text (besides the "<image>" token).
 SYNTHMED_PUNCTUATION = ".,:?"
@@ -84,10 +83,6 @@ class LesionFacts:
 
 def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
     return options[int(rng.integers(len(options)))]
-
-
-def _article(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
 def _phrase(lesion: LesionFacts) -> str:
