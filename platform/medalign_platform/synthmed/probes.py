@@ -2,18 +2,18 @@
 
 A fine-tune of the LLM (LoRA, as in MedAlign) cannot add what the visual tokens lack, so
 the benchmark first checks that the tokens the LLM receives (the projector's output, one
-``D``-vector per patch) carry the answers. Each probe is a multinomial logistic regression
-(L2-regularised, full-batch L-BFGS, features standardised on the probe's training set),
-fitted on train images and scored on held-out images:
+``D``-vector per patch) carry the answers. Each probe is a linear classifier (ridge
+regression on one-hot targets, :func:`fit_probe`), fitted on train images and scored on
+held-out images:
 
 * ``quadrant``: for every (image, quadrant), is there a lesion? One binary probe per
   quadrant on all visual tokens (flattened); accuracy over all (image, quadrant) pairs.
 * ``count``: number of lesions (0-3), from all visual tokens.
-* ``shape``, ``size``, ``contrast``: for every lesion, its attribute, from the tokens of
-  its quadrant only (the place a question names): what a reader that looks at the right
-  place can get.
+* ``size``, ``contrast`` (the attributes questions ask): for every lesion, its value from
+  the tokens of its quadrant only (the place a question names): what a reader that looks
+  at the right place can get.
 
-Deterministic given the inputs (L-BFGS from zeros).
+Deterministic given the inputs (a closed-form solve).
 """
 
 from __future__ import annotations
@@ -45,31 +45,28 @@ def visual_tokens(model, processor, paths, batch_size: int = 256) -> torch.Tenso
 
 
 def fit_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
-              *, l2: float = 1e-3, max_iter: int = 200) -> float:
-    """Test accuracy of an L2-regularised multinomial logistic regression.
+              *, l2: float = 1.0) -> float:
+    """Test accuracy of a ridge-regression classifier (a linear probe with a closed form).
+
+    Features are standardised on the training set; one-hot targets are regressed with an
+    L2 penalty ``l2 * n`` in the dual (``n`` samples, fewer than features here), and a test
+    sample gets the class of its largest output. One ``n x n`` solve instead of an
+    iterative logistic fit: seconds, not minutes, on a 2-core CPU.
 
     Args:
         train_x, test_x: ``[n, F]`` features.
         train_y, test_y: ``[n]`` int64 classes.
-        l2: penalty on the weights (mean loss + ``l2 * ||W||^2``).
+        l2: ridge penalty relative to the number of training samples.
     """
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    x = ((train_x - mean) / std).double()
+    z = ((test_x - mean) / std).double()
     classes = int(max(train_y.max(), test_y.max())) + 1
-    weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
-    x, y = train_x.double(), train_y
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + l2 * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        predicted = (test_x.double() @ weight + bias).argmax(1)
+    targets = torch.nn.functional.one_hot(train_y, classes).double()
+    targets = targets - targets.mean(0)
+    gram = x @ x.T + l2 * len(x) * torch.eye(len(x), dtype=torch.float64)
+    alpha = torch.linalg.solve(gram, targets)   # [n, C]
+    predicted = (z @ (x.T @ alpha)).argmax(1)
     return float((predicted == test_y).double().mean())
 
 
@@ -101,7 +98,7 @@ def _probe_sets(tokens: torch.Tensor, annotations: list[dict], grid: int) -> dic
 
 
 def probe_student(model, processor, data_dir: str | Path, *, train_images: int = 2000, test_split: str = "test",
-                  test_images: int = 500, l2: float = 1e-3) -> dict[str, float]:
+                  test_images: int = 500, l2: float = 1.0) -> dict[str, float]:
     """Fits every probe in :data:`PROBES` on ``train_images`` train images and scores it
     on the first ``test_images`` images of ``test_split``.
 
