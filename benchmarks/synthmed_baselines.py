@@ -33,23 +33,27 @@ VARIANTS = {
 
 def evaluate_base(config: dict) -> dict:
     """Test metrics of the pre-trained base LVLM, no fine-tuning."""
-    from medalign_platform.run.evaluation import evaluate_items, evaluation_items, load_split
-    from medalign_platform.core.student import DistillationTap, load_student
+    from medalign_platform.core.student import load_student
+    from medalign_platform.core.tap import DistillationTap
+    from medalign_platform.data.splits import evaluation_items, load_split
+    from medalign_platform.run.evaluation import evaluate_items
+    from medalign_platform.run.settings import RunSettings
 
     model, processor = load_student(config["model"]["path"])
     tap = DistillationTap(model, config["distill"]["layer"], capture_attention=True)
-    items = evaluation_items(load_split(config["data"], "test"), config["trainer"]["test_size"])
+    items = evaluation_items(load_split(RunSettings.from_config(config).data, "test"), config["trainer"]["test_size"])
     metrics = evaluate_items(model, processor, tap, items, batch_size=config["trainer"]["eval_batch_size"],
                              max_new_tokens=config["trainer"]["max_new_tokens"])
     return {f"test/{k}": v for k, v in metrics.items()}
 
 
 def train_variant(overrides: list[str], seed: int) -> dict:
-    from medalign_platform.run.compose import compose_config, validate_run_config
+    from medalign_platform.run.compose import compose_config
     from medalign_platform.run.loop import RunContext, run_training
+    from medalign_platform.run.settings import RunSettings
 
     config = compose_config(["experiment=synthmed_vqa", f"trainer.seed={seed}", "trainer.eval_every=0", *overrides])
-    validate_run_config(config)
+    RunSettings.from_config(config).check_paths()
     with tempfile.TemporaryDirectory() as scratch:
         return run_training(config, RunContext(report=lambda metrics, checkpoint: None, scratch_dir=Path(scratch)))
 

@@ -11,7 +11,7 @@ follows after one space and ends with the tokenizer's EOS token. The processor e
 the tokenizer). Only the answer and its EOS are supervised: labels are ``-100``
 (:data:`~medalign_platform.core.student.IGNORE_INDEX`) on the prompt and on padding, so the
 answer starts at the first label that is not ``-100`` -- the convention
-:func:`medalign_platform.core.student.text_query_mask` relies on.
+:func:`medalign_platform.core.tap.text_query_mask` relies on.
 
 API::
 
@@ -301,7 +301,7 @@ def generate_answers(
         max_length: most prompt tokens (see :class:`StudentCollator`).
         num_beams: beam search width (1 = greedy).
         on_batch: called with ``(meta, answers)`` after each ``generate()`` call, e.g. to
-            read what a :class:`~medalign_platform.core.student.DistillationTap` captured on the
+            read what a :class:`~medalign_platform.core.tap.DistillationTap` captured on the
             prompt during that call's prefill.
     """
     if batch_size < 1:

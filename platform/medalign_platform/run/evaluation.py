@@ -1,4 +1,4 @@
-"""Evaluation and teacher targets for a run: data splits, greedy answers, metrics, grounding.
+"""Evaluation and teacher targets for a run: greedy answers, metrics, grounding, the target cache.
 
 Evaluation generates greedy (or beam) answers for a fixed, deterministic subset of a split
 and scores them with :mod:`medalign_platform.data.metrics`. The grounding score comes for free:
@@ -9,59 +9,17 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..data.collate import generate_answers
 from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
+from ..data.splits import SplitItems, evaluation_items, load_split
 
-
-class SplitItems:
-    """A lazy, indexable view of a split's items (dicts from ``ConversationDataset``)."""
-
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.dataset[self.indices[index]]
-
-    def image_path(self, index: int) -> str:
-        return str(self.dataset.items[self.indices[index]].image_path)
-
-
-def load_split(data: dict, split: str) -> SplitItems:
-    """Items of one split, as described by the ``data`` config section.
-
-    ``data[split]`` is the path of a LLaVA conversation JSON file; ``data.image_root``
-    (optional) is where its relative image paths start; ``data.answer_types`` (optional)
-    keeps only those answer types (e.g. ``[closed, open]`` for VQA, ``[report]``).
-    """
-    from ..data.conversations import load_conversation_dataset
-
-    path = data.get(split)
-    if not path:
-        raise ValueError(f"data.{split} is not set; point it at a LLaVA conversation JSON file")
-    dataset = load_conversation_dataset(
-        path, data.get("image_root"), on_error=data.get("on_error", "raise"),
-        validate_images=data.get("validate_images", True),
-    )
-    types = data.get("answer_types")
-    indices = [i for i, item in enumerate(dataset.items) if not types or item.answer_type in types]
-    if not indices:
-        raise ValueError(f"data.{split} ({path}) has no items of answer_types {types}")
-    return SplitItems(dataset, indices)
-
-
-def evaluation_items(items: SplitItems, size: int) -> list[dict]:
-    """A deterministic subset of ``size`` items (all when 0), spread over the whole split."""
-    if size == 0 or size >= len(items):
-        return [items[i] for i in range(len(items))]
-    picks = np.linspace(0, len(items) - 1, size).round().astype(int)
-    return [items[int(i)] for i in picks]
+if TYPE_CHECKING:
+    from .settings import RunSettings, TeacherSettings
 
 
 class TargetLookup:
@@ -73,12 +31,12 @@ class TargetLookup:
     :func:`precompute_targets` on the driver.
     """
 
-    def __init__(self, teacher_config: dict):
+    def __init__(self, teacher: TeacherSettings):
         from ..core.target_cache import TargetCache
         from ..core.teacher import load_teacher
 
-        self.teacher = load_teacher(teacher_config["name"], teacher_config.get("pretrained"))
-        self.cache = TargetCache(teacher_config["cache_dir"])
+        self.teacher = load_teacher(teacher.name, teacher.pretrained)
+        self.cache = TargetCache(teacher.cache_dir)
         self._hashes: dict[str, str] = {}
 
     def _hash(self, path) -> str:
@@ -94,13 +52,13 @@ class TargetLookup:
         return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths])
 
 
-def precompute_targets(teacher_config: dict, items: SplitItems, chunk: int = 2048) -> dict:
+def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int = 2048) -> dict:
     """Fills the shared target cache for a split's images; returns the cache counters.
 
     Runs on the driver before any worker starts, so every run and trial that uses the
     same teacher and images only reads.
     """
-    lookup = TargetLookup(teacher_config)
+    lookup = TargetLookup(teacher)
     unique = sorted({items.image_path(i) for i in range(len(items))})
     for start in range(0, len(unique), chunk):
         lookup(unique[start : start + chunk])
@@ -115,50 +73,56 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, on_predictions: Callable | None = None) -> dict:
-    """Answers ``items`` greedily and scores them.
+                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None) -> dict:
+    """Answers ``items`` greedily (or with beams) and scores them.
 
     Args:
         model: the student (peft-wrapped or not).
         processor: its processor.
-        tap: the run's :class:`~medalign_platform.core.student.DistillationTap`; attention is
-            captured during evaluation even when the run trains with ``lambda_attn = 0``.
+        tap: the run's :class:`~medalign_platform.core.tap.DistillationTap`, whose prefill
+            capture gives the grounding score (captured during evaluation even when the run
+            trains with ``lambda_attn = 0``); None scores answers only.
         items: dataset items with ``answer`` and ``answer_type`` (and ``mask`` for grounding).
-        on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard).
+        max_length: most prompt tokens (see :class:`~medalign_platform.data.collate.StudentCollator`).
+        on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard);
+            ``attentions`` is None without a tap.
 
     Returns:
         ``closed_accuracy``, ``open_recall``, ``open_f1``, report BLEU-4/ROUGE-L where
-        present, ``grounding`` (mean over items whose image has a lesion) and counts.
+        present, ``grounding`` (mean over items whose image has a lesion; with a tap) and counts.
     """
-    capture, tap.capture_attention = tap.capture_attention, True
     attentions: list[torch.Tensor] = []
+    on_batch = None
+    if tap is not None:
+        capture, tap.capture_attention = tap.capture_attention, True
+        on_batch = lambda meta, _: attentions.append(_prompt_attention(tap, len(meta)))  # noqa: E731
     try:
-        predictions = generate_answers(
-            model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            on_batch=lambda meta, _: attentions.append(_prompt_attention(tap, len(meta))),
-        )
+        predictions = generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch)
     finally:
-        tap.capture_attention = capture
-    attention = torch.cat(attentions)  # [n, N]
-    grid = tap.grid
-    scores = []
-    for item, row in zip(items, attention):
-        mask = item.get("mask")
-        if mask is not None and mask.any():
-            scores.append(float(grounding_score(row, torch.as_tensor(mask), grid)))
+        if tap is not None:
+            tap.capture_attention = capture
     records = [
         {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"]}
         for p, item in zip(predictions, items)
     ]
     metrics = {k: v for k, v in vqa_metrics(records).items() if not (isinstance(v, float) and np.isnan(v))}
-    if scores:
-        metrics["grounding"] = mean_grounding_score(torch.tensor(scores))
+    attention = torch.cat(attentions) if attentions else None  # [n, N]
+    if attention is not None:
+        scores = []
+        for item, row in zip(items, attention):
+            mask = item.get("mask")
+            if mask is not None and mask.any():
+                scores.append(float(grounding_score(row, torch.as_tensor(mask), tap.grid)))
+        if scores:
+            metrics["grounding"] = mean_grounding_score(torch.tensor(scores))
     if on_predictions is not None:
         on_predictions(items, predictions, attention)
     return metrics
 
 
-def evaluate_split(model, processor, objective, settings, split: str, on_predictions: Callable | None = None) -> dict:
+def evaluate_split(model, processor, objective, settings: RunSettings, split: str,
+                   on_predictions: Callable | None = None) -> dict:
     """Evaluates the run's model on ``split`` (``val`` subset during training, ``test`` at the end)."""
     trainer = settings.trainer
     size = trainer.val_size if split == "val" else trainer.test_size

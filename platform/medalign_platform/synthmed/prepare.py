@@ -23,6 +23,9 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
+
+from ..common.settings import Settings, setting
 
 DEFAULT_CACHE_ENV = "MEDALIGN_CACHE"
 
@@ -33,15 +36,17 @@ def default_cache_dir() -> Path:
 
 
 @dataclass
-class SynthMedPrepareSettings:
-    """What ``medalign prepare data=synthmed`` builds."""
+class SynthMedPrepareSettings(Settings):
+    """What ``medalign prepare data=synthmed`` builds (its ``key=value`` options)."""
 
-    seed: int = 0
-    n_train: int = 5000
-    n_val: int = 500
-    n_test: int = 500
-    cache_dir: str | None = None
-    progress: bool = True
+    section: ClassVar[str] = ""
+
+    seed: int = setting(0, "Seeds the generator, the expert CLIP and the base LVLM.")
+    n_train: int = setting(5000, "Train images.", ge=1)
+    n_val: int = setting(500, "Val images.", ge=1)
+    n_test: int = setting(500, "Test images.", ge=1)
+    cache_dir: str | None = setting(None, "Cache folder (default: $MEDALIGN_CACHE, else ~/.cache/medalign).")
+    progress: bool = setting(True, "Show progress bars.")
 
 
 @dataclass
@@ -165,6 +170,12 @@ def prepared_synthmed_record(cache_dir: str | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"SynthMed is not prepared ({path} missing): run `medalign prepare data=synthmed` first")
     return json.loads(path.read_text())
+
+
+def prepared_path(key: str) -> str:
+    """``${synthmed:KEY}`` in configs: a path (``data``, ``teacher``, ``student``, ``cache``) of the
+    SynthMed that ``medalign prepare data=synthmed`` last built under ``$MEDALIGN_CACHE``."""
+    return str(prepared_synthmed_record()[key])
 
 
 def prepare_mini_synthmed(cache_dir: str | Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 12) -> dict:
