@@ -19,6 +19,9 @@ block (its output). Two vision towers are supported:
 Every loading route goes through ``open_clip.create_model_and_transforms``:
 ``"hf-hub:org/repo"``, ``"local-dir:/path"``, or a config name plus
 ``pretrained=<tag or checkpoint file>``.
+
+(This module is longer than 600 lines because it holds both tower adapters beside the
+teacher; they move to their own module with the third adapter, issue #11.)
 """
 
 from __future__ import annotations
