@@ -121,7 +121,7 @@ def test_best_experiment_file_composes_to_the_best_trial_config(sweep):
     assert f"# Run it:          medalign train experiment={path}" in text
 
     composed = compose_config([f"experiment={path}"])
-    assert composed["run"] == {"name": "board-best", "output_dir": "runs"}
+    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None}
     without_run = lambda config: {k: v for k, v in config.items() if k != "run"}
     assert without_run(composed) == without_run(best["config"])
     assert composed["distill"]["lambda_align"] == best["params"]["distill.lambda_align"]  # exact float

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -45,8 +46,8 @@ class SplitItems:
         return str(self.dataset.items[self.indices[index]].image_path)
 
 
-def load_split(data: DataSettings, split: str) -> SplitItems:
-    """Items of one split, as described by the ``data`` section.
+def load_split(data: DataSettings | Mapping, split: str) -> SplitItems:
+    """Items of one split, as described by the ``data`` section (typed, or its plain dict).
 
     ``data.<split>`` is the path of a LLaVA conversation JSON file; ``data.image_root``
     (optional) is where its relative image paths start; ``data.answer_types`` (optional)
@@ -57,6 +58,7 @@ def load_split(data: DataSettings, split: str) -> SplitItems:
     """
     from .conversations import load_conversation_dataset
 
+    data = DataSettings.from_dict(data)
     path = getattr(data, split)
     if not path:
         raise ConfigError(f"data.{split} is not set; point it at a LLaVA conversation JSON file")

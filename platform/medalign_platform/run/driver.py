@@ -35,8 +35,7 @@ def resolve_run_settings(overrides: Sequence[str] = (), config: dict | None = No
     settings = RunSettings.from_config(config if config is not None else compose_config(overrides))
     run = settings.run
     run.name = run.name or default_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.output_dir = str(Path(run.output_dir).expanduser().resolve())
-    run.log_dir = run.log_dir or str(settings.run_dir / "tensorboard")
+    run.log_dir = run.log_dir or str(settings.run_dir / "tensorboard")  # absolute: workers run elsewhere
     settings.check_paths()
     return settings
 
@@ -97,6 +96,7 @@ def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None
     from .ray_train import build_trainer
 
     settings = settings or resolve_run_settings(overrides)
+    settings.run.output_dir = str(settings.run_dir.parent)  # absolute, for Ray's storage path and the records
     run_dir = settings.run_dir
     write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
     cache = driver_prologue(settings, output_dir=settings.run.output_dir, setting="run.output_dir")

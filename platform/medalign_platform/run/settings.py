@@ -167,8 +167,8 @@ class RunSettings:
 
     @property
     def run_dir(self) -> Path:
-        """``run.output_dir / run.name``."""
-        return Path(self.run.output_dir) / str(self.run.name)
+        """``run.output_dir / run.name``, absolute."""
+        return Path(self.run.output_dir).expanduser().resolve() / str(self.run.name)
 
     def check_paths(self) -> None:
         """Checks what the config points at on disk; the distillation layer against the model's depth.
