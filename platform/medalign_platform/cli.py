@@ -17,7 +17,8 @@ from . import __version__
 
 # Subcommand -> (help, the issue that delivers it, built yet?).
 SUBCOMMANDS = {
-    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3, True),
+    "prepare": ("Build SynthMed (data, tiny expert teacher, tiny base student) or convert a public release "
+                "(data=vqa_rad|slake|pathvqa|iu_xray|mimic_cxr|llava_med data.source=PATH).", 3, True),
     "train": ("Run one MedAlign distillation on Ray Train.", 4, True),
     "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, True),
     "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, True),
@@ -58,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare(args) -> int:
     from .synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
 
+    # data=<release> (vqa_rad, slake, pathvqa, iu_xray, mimic_cxr, llava_med): data/prepare.py.
+    named = [text.split("=", 1)[1] for text in args.overrides if text.split("=", 1)[0] == "data"]
+    if named and named[-1] != "synthmed":
+        return _prepare_release(args.overrides)
     options = parse_overrides(args.overrides)
     dataset = options.pop("data", None)
     if dataset != "synthmed":
@@ -75,6 +80,22 @@ def _prepare(args) -> int:
           f"{teacher.get('attention_lift', float('nan')):.2f}x")
     print(f"  student: {prepared.student_dir}  val closed accuracy = {student.get('closed_accuracy', float('nan')):.3f}, "
           f"open recall = {student.get('open_recall', float('nan')):.3f}")
+    return 0
+
+
+def _prepare_release(overrides: Sequence[str]) -> int:
+    """``medalign prepare data=vqa_rad data.source=PATH [data.KEY=...] [rebuild=true]``."""
+    from .data.prepare import PrepareError, prepare_command
+    from .run.compose import compose_prepare_section
+
+    rebuild = [text for text in overrides if text.split("=", 1)[0] == "rebuild"]
+    rest = [text for text in overrides if text not in rebuild]
+    try:
+        prepare_command(compose_prepare_section(rest),
+                        rebuild=bool(rebuild) and rebuild[-1].split("=", 1)[1].lower() in ("true", "1", "yes"))
+    except PrepareError as error:
+        print(f"medalign prepare: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -10,7 +10,9 @@ missing files all raise :class:`ConfigError` naming the key and the fix.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,12 +41,53 @@ def _synthmed_paths() -> dict:
     return prepared_synthmed_record()
 
 
+def _prepare_section(node) -> dict:
+    """The prepare keys of a ``data`` config node (resolving only those, not train/val/test)."""
+    from ..data.prepare import DataPrepareSettings
+
+    keys = [f.name for f in dataclasses.fields(DataPrepareSettings)]
+    return {key: node.get(key) for key in keys if key in node}
+
+
+def _prepared(key: str, _parent_) -> str:
+    """``${prepared:train|val|test|image_root|dir|n_train...}`` inside a ``data`` group of a release."""
+    from ..data.prepare import PrepareError, prepared_value
+
+    try:
+        return prepared_value(_prepare_section(_parent_), str(key))
+    except PrepareError as error:
+        raise ConfigError(str(error)) from None
+
+
+def _steps_for_epochs(epochs, _root_) -> int:
+    """``${steps_for_epochs:9}``: optimiser steps for that many passes over the prepared train split.
+
+    One step consumes ``trainer.batch_size * trainer.grad_accum * ray.num_workers`` samples
+    (the effective batch), so the original work's "9 epochs at effective batch 32" becomes
+    ``ceil(9 * n_train / 32)`` steps for whatever train split was prepared.
+    """
+    n_train = int(_prepared("n_train", _root_.data))
+    effective = int(_root_.trainer.batch_size) * int(_root_.trainer.grad_accum) * int(_root_.ray.num_workers)
+    return max(1, math.ceil(float(epochs) * n_train / max(effective, 1)))
+
+
 def register_resolvers() -> None:
-    """``${synthmed:data|teacher|student|cache}``: paths of the prepared embedded default."""
+    """``${synthmed:data|teacher|student|cache}``: paths of the prepared embedded default;
+    ``${prepared:KEY}`` and ``${steps_for_epochs:N}`` for prepared releases (data/prepare.py);
+    ``${medalign_cache:SUB}``: ``$MEDALIGN_CACHE/SUB`` (e.g. the shared teacher-target cache)."""
     from omegaconf import OmegaConf
+
+    from ..common.stage_cache import default_cache_dir
 
     if not OmegaConf.has_resolver("synthmed"):
         OmegaConf.register_new_resolver("synthmed", lambda key: str(_synthmed_paths()[key]), use_cache=False)
+    if not OmegaConf.has_resolver("prepared"):
+        OmegaConf.register_new_resolver("prepared", _prepared, use_cache=False)
+    if not OmegaConf.has_resolver("steps_for_epochs"):
+        OmegaConf.register_new_resolver("steps_for_epochs", _steps_for_epochs, use_cache=False)
+    if not OmegaConf.has_resolver("medalign_cache"):
+        OmegaConf.register_new_resolver("medalign_cache", lambda sub: str(default_cache_dir() / str(sub)),
+                                        use_cache=False)
 
 
 @contextlib.contextmanager
@@ -95,6 +138,26 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
               initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3")):
             composed = compose(config_name=config_name, overrides=composed_overrides)
         return OmegaConf.to_container(composed, resolve=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(f"config composition failed: {error}") from error
+
+
+def compose_prepare_section(overrides: Sequence[str]) -> dict:
+    """The prepare keys of the composed ``data`` section (``medalign prepare data=NAME data.source=...``).
+
+    Composes ``experiments/`` with the overrides but resolves only the keys that decide
+    what is prepared (``name``, ``source``, ``language`` ...), so nothing else (models,
+    other datasets) needs to exist yet.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_resolvers()
+    try:
+        with initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        return _prepare_section(composed.data)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(f"config composition failed: {error}") from error
 

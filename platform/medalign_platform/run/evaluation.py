@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data.collate import generate_answers
-from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
 
 
 class SplitItems:
@@ -115,7 +115,8 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, on_predictions: Callable | None = None) -> dict:
+                   num_beams: int = 1, on_predictions: Callable | None = None,
+                   radgraph_model: str | None = None) -> dict:
     """Answers ``items`` greedily and scores them.
 
     Args:
@@ -125,10 +126,13 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
             captured during evaluation even when the run trains with ``lambda_attn = 0``.
         items: dataset items with ``answer`` and ``answer_type`` (and ``mask`` for grounding).
         on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard).
+        radgraph_model: optional local RadGraph model folder for ``report_radgraph_f1``.
 
     Returns:
-        ``closed_accuracy``, ``open_recall``, ``open_f1``, report BLEU-4/ROUGE-L where
-        present, ``grounding`` (mean over items whose image has a lesion) and counts.
+        ``closed_accuracy`` (and ``closed_accuracy_substring``, the original rule),
+        ``open_recall``, ``open_f1``, report BLEU-1..4/ROUGE-L where present, per question
+        type ``by_qtype/...`` breakdowns, ``grounding`` (mean over items whose image has a
+        non-empty mask) and counts (see :func:`~medalign_platform.data.metrics.evaluation_metrics`).
     """
     capture, tap.capture_attention = tap.capture_attention, True
     attentions: list[torch.Tensor] = []
@@ -147,10 +151,12 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         if mask is not None and mask.any():
             scores.append(float(grounding_score(row, torch.as_tensor(mask), grid)))
     records = [
-        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"]}
+        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"],
+         "question_type": item.get("question_type")}
         for p, item in zip(predictions, items)
     ]
-    metrics = {k: v for k, v in vqa_metrics(records).items() if not (isinstance(v, float) and np.isnan(v))}
+    metrics = {k: v for k, v in evaluation_metrics(records, radgraph_model=radgraph_model).items()
+               if not (isinstance(v, float) and np.isnan(v))}
     if scores:
         metrics["grounding"] = mean_grounding_score(torch.tensor(scores))
     if on_predictions is not None:
@@ -166,4 +172,5 @@ def evaluate_split(model, processor, objective, settings, split: str, on_predict
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
+        radgraph_model=settings.data.get("radgraph_model"),
     )
