@@ -50,8 +50,9 @@ def test_unprepared_cache_names_the_command(tmp_path):
         prepared_synthmed_record(str(tmp_path))
 
 
-def test_prepare_rejects_other_datasets_and_unknown_keys():
-    with pytest.raises(SystemExit, match="only data=synthmed"):
-        main(["prepare", "data=vqa_rad"])
+def test_prepare_rejects_unknown_datasets_and_keys(capsys):
+    # other names go to the real-data adapters (tests/data/test_prepare_data.py)
+    assert main(["prepare", "data=nih_cxr"]) == 2
+    assert "Could not find 'data/nih_cxr'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="valid keys"):
         main(["prepare", "data=synthmed", "n_trian=5"])

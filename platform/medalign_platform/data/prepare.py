@@ -548,8 +548,8 @@ def prepared_value(section: dict, key: str) -> str:
     one prepare check. A build prints one line to stderr first.
     """
     settings = DataPrepareSettings.from_section(section)
-    memo = json.dumps(asdict(settings), sort_keys=True)
-    if memo not in _PREPARED:
+    memo = json.dumps({**asdict(settings), "root": str(dataset_root(settings))}, sort_keys=True)
+    if memo not in _PREPARED or not (_PREPARED[memo].dir / "stage.json").is_file():
         prepared = prepare_dataset(settings, log=lambda line: print(line, file=sys.stderr))
         if prepared.built:
             print(format_summary(prepared), file=sys.stderr)
