@@ -199,9 +199,16 @@ def _importances(study, params: list[str], index: int, mode: str, multi_objectiv
 def metric_columns(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
     """The sweep metrics first, then every other val/* and then test/* metric the trials report."""
     seen = {k for r in records for k, v in r["metrics"].items()
-            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics}
+            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics
+            and not _is_breakdown(k)}
     return [*metrics, *sorted(k for k in seen if k.startswith("val/")),
             *sorted(k for k in seen if k.startswith("test/"))]
+
+
+def _is_breakdown(column: str) -> bool:
+    """``val/by_qtype/pres/closed_accuracy`` and the like: per-question-type breakdowns stay in the
+    trial's results and TensorBoard, out of the leaderboard (dozens of columns on VQA-RAD)."""
+    return "/by_qtype/" in column
 
 
 def _is_count(column: str) -> bool:
@@ -750,7 +757,7 @@ def status_report(result: dict, top: int) -> str:
         lines += [(f"Best trial {best['trial_id']} (Optuna trial {best['optuna_trial']}, rank {row.get('rank')}, "
                    f"step {row.get('step')}/{row.get('max_steps')}):"),
                   "  metrics: " + ", ".join(f"{k} = {_format(v)}" for k, v in best["all_metrics"].items()
-                                             if not _is_count(k)),
+                                             if not _is_count(k) and not _is_breakdown(k)),
                   "  params:  " + ", ".join(f"{k}={_format(v)}" for k, v in best["params"].items())]
     if result["pareto"] is not None:
         lines.append(f"Pareto front ({', '.join(result['metrics'])}): trials {', '.join(result['pareto'])}")
