@@ -21,7 +21,6 @@ class DatasetAdapter:
     layouts: tuple[Layout, ...]
     languages: tuple[str, ...] = ("en",)
     mirror: str | None = None         # the parquet mirror to suggest (hf:<repo id>)
-    licence: str = ""
 
 
 ADAPTERS: dict[str, DatasetAdapter] = {

@@ -198,7 +198,7 @@ def confined(root: Path, rel: Any, what: str = "image") -> str:
 
 
 def is_english(*texts: str) -> bool:
-    """False when any text holds CJK/kana/hangul or full-width characters."""
+    """False when any text holds CJK ideographs, kana or hangul."""
     return not any(_NON_ENGLISH.search(t or "") for t in texts)
 
 
