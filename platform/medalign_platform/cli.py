@@ -85,7 +85,8 @@ def _prepare(args) -> int:
 
 def _prepare_release(overrides: Sequence[str]) -> int:
     """``medalign prepare data=vqa_rad data.source=PATH [data.KEY=...] [rebuild=true]``."""
-    from .data.prepare import PrepareError, prepare_command
+    from .data.conversations import DatasetError  # PrepareError's base; the LLaVA-file loader raises it
+    from .data.prepare import prepare_command
     from .run.compose import compose_prepare_section
 
     rebuild = [text for text in overrides if text.split("=", 1)[0] == "rebuild"]
@@ -93,7 +94,7 @@ def _prepare_release(overrides: Sequence[str]) -> int:
     try:
         prepare_command(compose_prepare_section(rest),
                         rebuild=bool(rebuild) and rebuild[-1].split("=", 1)[1].lower() in ("true", "1", "yes"))
-    except PrepareError as error:
+    except DatasetError as error:
         print(f"medalign prepare: {error}", file=sys.stderr)
         return 2
     return 0

@@ -245,3 +245,14 @@ def test_7b_search_space_is_centred_on_the_original_recipes(releases, tmp_path, 
     with pytest.raises(Exception, match="distill.layer must be in 1..3"):
         space.validate(config, depth=4)
 
+
+
+def test_cli_reports_a_bad_llava_record_as_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDALIGN_CACHE", str(tmp_path / "cache"))
+    source = write_llava_json(tmp_path / "llava")
+    rows = json.loads((source / "train.json").read_text())
+    rows[2]["conversations"][1]["value"] = ""
+    (source / "train.json").write_text(json.dumps(rows))
+    assert main(["prepare", "data=llava_med", f"data.source={source}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.json: record 2 (id='q3'" in err and "missing answer" in err and "Traceback" not in err
