@@ -63,7 +63,14 @@ def test_an_interrupted_prepare_leaves_nothing_half_built(tmp_path, monkeypatch)
     root = tmp_path / "cache" / "datasets" / "vqa_rad"
     assert calls and sorted(p.name for p in root.iterdir()) == [".prepare.lock"]
     monkeypatch.undo()
-    assert prepare_dataset(settings(source, tmp_path / "cache")).built
+    kept = prepare_dataset(settings(source, tmp_path / "cache"))
+    assert kept.built
+    # an interrupted rebuild keeps the copy that was there
+    monkeypatch.setattr(prepare_module, "split_statistics", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(settings(source, tmp_path / "cache"), rebuild=True)
+    assert sorted(p.name for p in root.iterdir()) == [".prepare.lock", kept.dir.name]
+    assert json.loads(kept.split_file("test").read_text())[0]["id"] == "vqa_rad-8"
 
 
 def test_settings_are_checked_before_anything_is_read(tmp_path):

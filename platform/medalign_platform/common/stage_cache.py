@@ -49,8 +49,9 @@ def read_stage(root: Path, name: str, recipe: dict) -> tuple[Path, dict] | None:
     return None
 
 
-def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """Returns ``(dir, info)`` of a stage, building it only if no complete copy exists.
+def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], dict],
+                 force: bool = False) -> tuple[Path, dict]:
+    """Returns ``(dir, info)`` of a stage, building it only if no complete copy exists (or ``force``).
 
     Args:
         root: the cache directory of this dataset.
@@ -58,8 +59,10 @@ def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], di
         recipe: everything the stage's output depends on (versions, params, inputs).
         build: writes the stage into the given (temporary) directory and returns a JSON-able
             summary (metrics, timings) stored in ``stage.json``.
+        force: build again even if a complete copy exists; it is replaced only once the new
+            build is complete.
     """
-    found = read_stage(root, name, recipe)
+    found = None if force else read_stage(root, name, recipe)
     if found is not None:
         return found
     target = stage_dir(root, name, recipe)

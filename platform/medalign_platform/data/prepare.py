@@ -482,16 +482,10 @@ def prepare_dataset(settings: DataPrepareSettings, *, rebuild: bool = False,
         found = None if rebuild else read_stage(root, "data", recipe)
         built = found is None
         if built:
-            if rebuild:
-                import shutil
-
-                from ..common.stage_cache import stage_dir
-
-                shutil.rmtree(stage_dir(root, "data", recipe), ignore_errors=True)
             if log is not None:
                 log(f"medalign: preparing {adapter.name} ({layout.name}) from {source.text} into {root} ...")
             found = cached_stage(root, "data", recipe,
-                                 lambda out: _build(settings, adapter, source, layout, recipe, out))
+                                 lambda out: _build(settings, adapter, source, layout, recipe, out), force=rebuild)
     stage, info = found
     manifest = json.loads((stage / "manifest.json").read_text(encoding="utf-8"))
     return PreparedDataset(adapter.name, stage, manifest, built=built, seconds=float(info.get("seconds", 0.0)))
