@@ -26,10 +26,15 @@ def _prepare(args) -> int:
     from .common.errors import ConfigError
     from .synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
 
-    options = as_tree(parse_overrides(args.overrides))
-    dataset = options.pop("data", None)
+    overrides = parse_overrides(args.overrides)
+    dataset = next((o.value for o in reversed(overrides) if o.key == "data"), None)
+    if dataset is None:
+        raise ConfigError("name the dataset: data=synthmed, or a release: data=vqa_rad|slake|pathvqa|iu_xray|"
+                          "mimic_cxr|llava_med data.source=PATH (docs/datasets.md)")
     if dataset != "synthmed":
-        raise ConfigError(f"only data=synthmed can be prepared (got data={dataset!r})")
+        return _prepare_release(overrides)
+    options = as_tree(overrides)
+    options.pop("data", None)
     settings = SynthMedPrepareSettings.from_dict(options)
     prepared = prepare_synthmed(settings)
     teacher, student = prepared.teacher_metrics, prepared.student_metrics
@@ -40,6 +45,21 @@ def _prepare(args) -> int:
           f"{teacher.get('attention_lift', float('nan')):.2f}x")
     print(f"  student: {prepared.student_dir}  val closed accuracy = {student.get('closed_accuracy', float('nan')):.3f}, "
           f"open recall = {student.get('open_recall', float('nan')):.3f}")
+    return 0
+
+
+def _prepare_release(overrides) -> int:
+    """``medalign prepare data=vqa_rad data.source=PATH [data.KEY=...] [rebuild=true]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import texts
+    from .data.prepare import prepare_command
+    from .run.compose import compose_prepare_section
+
+    rebuild = [o for o in overrides if o.key == "rebuild"]
+    if rebuild and not isinstance(rebuild[-1].value, bool):
+        raise ConfigError(f"rebuild must be true or false, got {rebuild[-1].value!r}")
+    section = compose_prepare_section(texts(o for o in overrides if o.key != "rebuild"))
+    prepare_command(section, rebuild=bool(rebuild) and rebuild[-1].value)
     return 0
 
 
@@ -98,7 +118,8 @@ def _export(args) -> int:
 
 # Subcommand -> (help, handler, usage line when its path argument is missing, or None).
 SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
-    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", _prepare, None),
+    "prepare": ("Build SynthMed (data, tiny expert teacher, tiny base student) or convert a public release "
+                "(data=vqa_rad|slake|pathvqa|iu_xray|mimic_cxr|llava_med data.source=PATH).", _prepare, None),
     "train": ("Run one MedAlign distillation on Ray Train.", _train, None),
     "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", _sweep, None),
     "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", _ablate_layers, None),

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..data.collate import generate_answers
-from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
 from ..data.splits import SplitItems, evaluation_items, load_split
 
 if TYPE_CHECKING:
@@ -73,7 +73,8 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None) -> dict:
+                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None,
+                   radgraph_model: str | None = None) -> dict:
     """Answers ``items`` greedily (or with beams) and scores them.
 
     Args:
@@ -86,10 +87,14 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         max_length: most prompt tokens (see :class:`~medalign_platform.data.collate.StudentCollator`).
         on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard);
             ``attentions`` is None without a tap.
+        radgraph_model: optional local RadGraph model folder for ``report_radgraph_f1``.
 
     Returns:
-        ``closed_accuracy``, ``open_recall``, ``open_f1``, report BLEU-4/ROUGE-L where
-        present, ``grounding`` (mean over items whose image has a lesion; with a tap) and counts.
+        ``closed_accuracy`` (and ``closed_accuracy_substring``, the original rule),
+        ``open_recall``, ``open_f1``, report BLEU-1..4/ROUGE-L where present, per question
+        type ``by_qtype/...`` breakdowns, ``grounding`` (mean over items whose image has a
+        non-empty mask; with a tap) and counts (see
+        :func:`~medalign_platform.data.metrics.evaluation_metrics`).
     """
     attentions: list[torch.Tensor] = []
     on_batch = None
@@ -103,10 +108,12 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         if tap is not None:
             tap.capture_attention = capture
     records = [
-        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"]}
+        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"],
+         "question_type": item.get("question_type")}
         for p, item in zip(predictions, items)
     ]
-    metrics = {k: v for k, v in vqa_metrics(records).items() if not (isinstance(v, float) and np.isnan(v))}
+    metrics = {k: v for k, v in evaluation_metrics(records, radgraph_model=radgraph_model).items()
+               if not (isinstance(v, float) and np.isnan(v))}
     attention = torch.cat(attentions) if attentions else None  # [n, N]
     if attention is not None:
         scores = []
@@ -130,4 +137,5 @@ def evaluate_split(model, processor, objective, settings: RunSettings, split: st
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
+        radgraph_model=settings.data.radgraph_model,
     )

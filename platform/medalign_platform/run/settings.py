@@ -26,7 +26,7 @@ from ..common.errors import ConfigError
 from ..common.settings import Settings, setting
 from ..core.objective import DistillSettings
 from ..core.student import LoraSettings, check_layer, model_depth
-from ..data.splits import SPLITS, DataSettings
+from ..data.settings import SPLITS, DataSettings
 
 
 @dataclass

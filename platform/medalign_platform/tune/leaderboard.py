@@ -21,9 +21,16 @@ TAIL_COLUMNS = ["step", "max_steps", "stopped_early", "wall_s"]
 def metric_columns(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
     """The sweep metrics first, then every other val/* and then test/* metric the trials report."""
     seen = {k for r in records for k, v in r["metrics"].items()
-            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics}
+            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics
+            and not is_breakdown(k)}
     return [*metrics, *sorted(k for k in seen if k.startswith("val/")),
             *sorted(k for k in seen if k.startswith("test/"))]
+
+
+def is_breakdown(column: str) -> bool:
+    """``val/by_qtype/pres/closed_accuracy`` and the like: per-question-type breakdowns stay in the
+    trial's results and TensorBoard, out of the leaderboard (dozens of columns on VQA-RAD)."""
+    return "/by_qtype/" in column
 
 
 def is_count(column: str) -> bool:
