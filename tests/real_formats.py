@@ -130,7 +130,7 @@ def tiny_pubmedclip(out_dir: Path, *, image_size: int = 224, patch_size: int = 3
     return out_dir
 
 
-def unimed_vision_state(*, width: int = 64, layers: int = 2, patch: int = 16, image_size: int = 64,
+def unimed_vision_state(*, width: int = 128, layers: int = 2, patch: int = 16, image_size: int = 64,
                         embed_dim: int = 32, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random weights under the UniMed-CLIP fork's ``VisualTransformer`` key names."""
     generator = torch.Generator().manual_seed(seed)
@@ -150,12 +150,12 @@ def unimed_vision_state(*, width: int = 64, layers: int = 2, patch: int = 16, im
     for i in range(layers):
         block = f"visual.transformer.resblocks.{i}."
         state.update({
-            block + "attn.in_proj_weight": rand(3 * width, width, scale=0.2), block + "attn.in_proj_bias": rand(3 * width),
-            block + "attn.out_proj.weight": rand(width, width, scale=0.2), block + "attn.out_proj.bias": rand(width),
+            block + "attn.in_proj_weight": rand(3 * width, width, scale=0.08), block + "attn.in_proj_bias": rand(3 * width),
+            block + "attn.out_proj.weight": rand(width, width, scale=0.08), block + "attn.out_proj.bias": rand(width),
             block + "ln_1.weight": 1 + rand(width), block + "ln_1.bias": rand(width),
             block + "ln_2.weight": 1 + rand(width), block + "ln_2.bias": rand(width),
-            block + "mlp.c_fc.weight": rand(4 * width, width, scale=0.2), block + "mlp.c_fc.bias": rand(4 * width),
-            block + "mlp.c_proj.weight": rand(width, 4 * width, scale=0.2), block + "mlp.c_proj.bias": rand(width),
+            block + "mlp.c_fc.weight": rand(4 * width, width, scale=0.08), block + "mlp.c_fc.bias": rand(4 * width),
+            block + "mlp.c_proj.weight": rand(width, 4 * width, scale=0.08), block + "mlp.c_proj.bias": rand(width),
         })
     return state
 
