@@ -183,3 +183,139 @@ def tiny_unimed_pt(path: Path, *, bert_dir: Path | None = None, embed_dim: int =
     state.update(extra or {})
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 10}, path)
     return Path(path)
+
+
+# --------------------------------------------------------------------------- students
+
+LLAVA_MED_TOKENIZER_CONFIG = {  # what LLaVA's training saved (slow LlamaTokenizer, pad = unk)
+    "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>",
+    "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>", "model_max_length": 2048,
+    "padding_side": "right", "legacy": False, "clean_up_tokenization_spaces": False,
+}
+
+
+def sentencepiece_tokenizer(out_dir: Path, vocab_size: int = 420) -> int:
+    """A real sentencepiece BPE ``tokenizer.model`` (byte fallback, <unk>/<s>/</s> = 0/1/2, as
+    Mistral's), trained on a few medical VQA phrases; returns its vocabulary size."""
+    import io
+
+    import sentencepiece as spm
+
+    corpus = [" ".join(WORDS[i:i + 7]) for i in range(len(WORDS))] * 8 + ["[INST] [/INST] describe the findings ."] * 8
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, minloglevel=2)
+    (out_dir / "tokenizer.model").write_bytes(model.getvalue())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(LLAVA_MED_TOKENIZER_CONFIG, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}))
+    return vocab_size
+
+
+def tiny_clip_vision_tower(out_dir: Path, *, image_size: int = 32, patch_size: int = 8, hidden: int = 32,
+                           seed: int = 0) -> Path:
+    """A CLIP folder in ``openai/clip-vit-large-patch14-336``'s layout (a full ``CLIPModel``,
+    text tower included, and ``preprocessor_config.json``)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 16, "bos_token_id": 62,
+                     "eos_token_id": 63, "pad_token_id": 63},
+        vision_config={"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": 3,
+                       "num_attention_heads": 2, "image_size": image_size, "patch_size": patch_size},
+        projection_dim=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPModel(config).save_pretrained(out_dir)
+    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+                       image_mean=CLIP_MEAN, image_std=CLIP_STD, resample=3).save_pretrained(out_dir)
+    return out_dir
+
+
+def llava_med_config(vocab_size: int, vision_tower: str, *, hidden: int = 64, layers: int = 4, mm_hidden: int = 32,
+                     sliding_window: int | None = None) -> dict:
+    """``config.json`` of microsoft/llava-med-v1.5-mistral-7b, every key as released, at tiny sizes."""
+    return {
+        "_name_or_path": "llava-med-v1.5-mistral-7b", "architectures": ["LlavaMistralForCausalLM"],
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "feature_outs": "encoder+decoder",
+        "freeze_mm_mlp_adapter": False, "hidden_act": "silu", "hidden_size": hidden, "image_aspect_ratio": "pad",
+        "img_size": 640, "initializer_range": 0.02, "intermediate_size": 2 * hidden, "max_position_embeddings": 512,
+        "mm_hidden_size": mm_hidden, "mm_patch_merge_type": "flat", "mm_projector_lr": None,
+        "mm_projector_type": "mlp2x_gelu", "mm_resampler_type": None, "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False, "mm_vision_select_feature": "patch", "mm_vision_select_layer": -2,
+        "mm_vision_tower": vision_tower, "model_type": "llava_mistral", "num_attention_heads": 4,
+        "num_hidden_layers": layers, "num_key_value_heads": 2, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0,
+        "segtok_posembed": "cosine", "sliding_window": sliding_window, "tie_word_embeddings": False,
+        "tokenizer_model_max_length": 2048, "tokenizer_padding_side": "right", "torch_dtype": "float16",
+        "transformers_version": "4.36.2", "tune_mm_mlp_adapter": False, "tune_mm_vision_resampler": False,
+        "unfreeze_mm_vision_tower": False, "use_cache": False, "use_mm_proj": True,
+        "vision_backbone": "convnext-large", "vision_tower_config": None, "vocab_size": vocab_size,
+    }
+
+
+def tiny_llava_med(root: Path, *, with_vision_weights: bool = False, weights: str = "safetensors",
+                   extra: dict | None = None, drop: tuple[str, ...] = (), seed: int = 0) -> tuple[Path, Path]:
+    """An original-layout LLaVA-Med v1.5 folder and its CLIP vision-tower folder.
+
+    The LLM is a tiny Mistral (grouped-query attention) whose ``model.*`` / ``lm_head`` keys
+    are the release's; ``model.mm_projector.{0,2}`` is the mlp2x_gelu projector;
+    ``with_vision_weights`` also stores ``model.vision_tower.vision_tower.vision_model.*``.
+    Weights are fp16 (``torch_dtype: float16``) in two shards with an index json
+    (``weights="bin"``: ``pytorch_model-*.bin`` shards). ``extra`` adds tensors, ``drop``
+    removes keys (for error tests).
+
+    Returns:
+        ``(src_dir, vision_tower_dir)``.
+    """
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from medalign_platform.convert.sources import TensorSource
+
+    root = Path(root)
+    vision_dir = tiny_clip_vision_tower(root / "clip-vit-tiny", seed=seed)
+    src = root / "llava-med-tiny"
+    src.mkdir(parents=True, exist_ok=True)
+    vocab = sentencepiece_tokenizer(src)
+    config = llava_med_config(vocab, str(vision_dir))
+    (src / "config.json").write_text(json.dumps(config, indent=2))
+    (src / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    text_config = MistralConfig(**{k: v for k, v in config.items() if not k.startswith(("mm_", "architectures"))
+                                   and k not in ("model_type", "_name_or_path")})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        llm = MistralForCausalLM(text_config)
+        state = {k: v.detach().clone() for k, v in llm.state_dict().items()}
+        hidden, mm_hidden = config["hidden_size"], config["mm_hidden_size"]
+        state["model.mm_projector.0.weight"] = torch.randn(hidden, mm_hidden) * 0.1
+        state["model.mm_projector.0.bias"] = torch.randn(hidden) * 0.1
+        state["model.mm_projector.2.weight"] = torch.randn(hidden, hidden) * 0.1
+        state["model.mm_projector.2.bias"] = torch.randn(hidden) * 0.1
+    if with_vision_weights:
+        clip = TensorSource(vision_dir)  # the released key names: vision_model.*
+        state.update({f"model.vision_tower.vision_tower.{k}": clip.take(k).clone() for k in clip.keys()
+                      if k.startswith("vision_model.")})
+    state.update(extra or {})
+    for key in drop:
+        del state[key]
+    state = {k: v.to(torch.float16).contiguous() for k, v in state.items()}
+    keys = sorted(state)
+    halves = [keys[: len(keys) // 2], keys[len(keys) // 2:]]
+    suffix = "safetensors" if weights == "safetensors" else "bin"
+    stem = "model" if weights == "safetensors" else "pytorch_model"
+    weight_map = {}
+    for number, part in enumerate(halves, start=1):
+        name = f"{stem}-{number:05d}-of-00002.{suffix}"
+        if weights == "safetensors":
+            save_file({k: state[k] for k in part}, str(src / name), metadata={"format": "pt"})
+        else:
+            torch.save({k: state[k] for k in part}, src / name)
+        weight_map.update({k: name for k in part})
+    index = "model.safetensors.index.json" if weights == "safetensors" else "pytorch_model.bin.index.json"
+    (src / index).write_text(json.dumps({"metadata": {"total_size": sum(v.numel() * 2 for v in state.values())},
+                                         "weight_map": weight_map}, indent=2))
+    return src, vision_dir
