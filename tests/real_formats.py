@@ -319,3 +319,93 @@ def tiny_llava_med(root: Path, *, with_vision_weights: bool = False, weights: st
     (src / index).write_text(json.dumps({"metadata": {"total_size": sum(v.numel() * 2 for v in state.values())},
                                          "weight_map": weight_map}, indent=2))
     return src, vision_dir
+
+
+def _byte_level_bpe(out_dir: Path, specials: list[str]):
+    """A Qwen-style byte-level BPE tokenizer (no BOS) trained on the vocabulary words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator([" ".join(WORDS[i:i + 6]) for i in range(len(WORDS))] * 4 + ["?", "."], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   unk_token=None, additional_special_tokens=["<|im_start|>", "<image>"])
+
+
+def tiny_family_student(out_dir: Path, family: str, *, sliding_window: int = 8, seed: int = 0) -> Path:
+    """A tiny random LLaVA-class student of one LLM family, saved with its processor.
+
+    * ``llama``: CLIP vision tower + Llama, sentencepiece tokenizer, llava-1.5's USER/ASSISTANT
+      chat template (what ``llava-hf/llava-1.5-7b-hf`` ships);
+    * ``mistral``: CLIP + Mistral with a short ``sliding_window`` on every layer, the Mistral
+      instruction template (a converted LLaVA-Med);
+    * ``qwen2``: SigLIP (no CLS, ``full`` features, last layer) + Qwen2 with a sliding window on the last
+      layer (full attention before it) and q/k/v biases, byte-level BPE and ChatML (``llava-interleave-qwen``).
+    """
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+        MistralConfig,
+        Qwen2Config,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        AddedToken,
+        AutoTokenizer,
+    )
+
+    from medalign_platform.data.prompts import CHAT_TEMPLATES
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    size, patch = 32, 8
+    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False)
+    if family in ("llama", "mistral"):
+        spm_dir = out_dir / "spm"
+        spm_dir.mkdir(exist_ok=True)
+        sentencepiece_tokenizer(spm_dir)
+        tokenizer = AutoTokenizer.from_pretrained(spm_dir)
+        tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                  image_size=size, patch_size=patch)
+        image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        strategy, layer, extra_tokens = "default", -2, 1
+        if family == "llama":
+            text = LlamaConfig(vocab_size=len(tokenizer), **common)
+            template = CHAT_TEMPLATES["llava_v1"]
+        else:
+            text = MistralConfig(vocab_size=len(tokenizer), sliding_window=sliding_window, **common)
+            template = CHAT_TEMPLATES["mistral_instruct"]
+        text.bos_token_id, text.eos_token_id, text.pad_token_id = 1, 2, 0
+    elif family == "qwen2":
+        tokenizer = _byte_level_bpe(out_dir, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"])
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                    image_size=size, patch_size=patch)
+        image_processor = SiglipImageProcessor(size={"height": size, "width": size})
+        strategy, layer, extra_tokens = "full", -1, 0
+        text = Qwen2Config(vocab_size=len(tokenizer), use_sliding_window=True, sliding_window=sliding_window,
+                           max_window_layers=2, **common)
+        text.eos_token_id = tokenizer.eos_token_id
+        text.pad_token_id = tokenizer.pad_token_id
+        template = CHAT_TEMPLATES["qwen_chatml"]
+    else:
+        raise ValueError(family)
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=image_id, vision_feature_layer=layer,
+                         vision_feature_select_strategy=strategy, image_seq_length=(size // patch) ** 2,
+                         pad_token_id=text.pad_token_id, tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        LlavaForConditionalGeneration(config).save_pretrained(out_dir)
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
+                   vision_feature_select_strategy=strategy, num_additional_image_tokens=extra_tokens,
+                   chat_template=template).save_pretrained(out_dir)
+    return out_dir

@@ -25,11 +25,41 @@ from .student import DistillationTap, SteerSettings, attach_steer
 
 
 class TeacherTargets(Protocol):
-    """Native-grid teacher outputs for a batch (e.g. ``teacher.TeacherOutputs``)."""
+    """Native-grid teacher outputs for a batch (e.g. ``teacher.TeacherOutputs``).
+
+    An optional ``prompt_attention`` ``[B, h*w]`` (question-conditioned map) replaces
+    ``cls_attention`` as the attention target when present and not None.
+    """
 
     patch_tokens: torch.Tensor  # [B, h*w, D_t]
     cls_attention: torch.Tensor  # [B, h*w]
     grid: tuple[int, int]
+
+
+TOKEN_WEIGHTS = ("none", "teacher_attention")
+
+
+def teacher_attention_source(teacher: TeacherTargets) -> torch.Tensor:
+    """``prompt_attention`` when the targets carry one, else ``cls_attention`` (``[B, h*w]``)."""
+    prompt = getattr(teacher, "prompt_attention", None)
+    return prompt if prompt is not None else teacher.cls_attention
+
+
+def attention_token_weights(attention: torch.Tensor) -> torch.Tensor:
+    """Per-visual-token weights from a teacher attention map: ``w = a / mean(a)`` per sample.
+
+    Normalising to mean 1 keeps the weighted spatial loss on the scale of the unweighted one
+    and makes it independent of any constant rescaling of ``a`` (such as the max-division).
+
+    Args:
+        attention: ``[B, N]`` non-negative maps on the student grid.
+
+    Returns:
+        ``[B, N]`` float32 weights with mean 1 per sample (detached: a target, not a path
+        for gradients).
+    """
+    attention = attention.detach().float().clamp_min(0)
+    return attention / attention.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass
@@ -44,7 +74,15 @@ class DistillSettings:
         metadata={"help": "probability: proper KL; l2: the original code's L2-normalised variant."},
     )
     teacher_max_normalize: bool = field(
-        default=True, metadata={"help": "Divide the teacher attention map by its max before resizing."}
+        default=True,
+        metadata={"help": "Display only: divide the teacher attention map by its max in TensorBoard panels. "
+                  "Neither loss can change with it (probability and L2 normalisation, and the mean-1 token "
+                  "weights, all remove a constant scale), so it is not a search-space key."},
+    )
+    token_weights: str = field(
+        default="none",
+        metadata={"help": "none | teacher_attention: weight entry (i, j) of the spatial loss by w_i w_j with "
+                  "w = teacher attention / its mean (on the student grid)."},
     )
     steer: SteerSettings = field(default_factory=SteerSettings)
 
@@ -57,6 +95,8 @@ class DistillSettings:
                 raise ValueError(f"distill.{name} must be >= 0, got {value}")
         if self.attention_normalize not in ("l2", "probability"):
             raise ValueError(f"distill.attention_normalize must be l2 or probability, got {self.attention_normalize!r}")
+        if self.token_weights not in TOKEN_WEIGHTS:
+            raise ValueError(f"distill.token_weights must be one of {list(TOKEN_WEIGHTS)}, got {self.token_weights!r}")
 
 
 class MedAlignObjective:
@@ -92,10 +132,14 @@ class MedAlignObjective:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def targets(self, teacher: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher similarity ``[B, N, N]`` and attention ``[B, N]`` on the student's grid."""
+        """Teacher similarity ``[B, N, N]`` and attention ``[B, N]`` on the student's grid.
+
+        The attention is the question-conditioned map when the targets carry one.
+        """
         similarity = teacher_similarity(teacher.patch_tokens, teacher.grid, self.student_grid)
         attention = teacher_attention_map(
-            teacher.cls_attention, teacher.grid, self.student_grid, max_normalize=self.settings.teacher_max_normalize
+            teacher_attention_source(teacher), teacher.grid, self.student_grid,
+            max_normalize=self.settings.teacher_max_normalize,
         )
         return similarity, attention
 
@@ -112,7 +156,9 @@ class MedAlignObjective:
                 and ``labels`` (``-100`` on prompt and padding).
             teacher: native-grid teacher targets for the batch's images; may be None only
                 when both lambdas are 0.
-            token_weights: optional ``[B, N]`` per-visual-token weights for the spatial loss.
+            token_weights: optional ``[B, N]`` per-visual-token weights for the spatial loss;
+                when None and ``distill.token_weights`` is ``teacher_attention`` they come from
+                the teacher's attention map (:func:`attention_token_weights`).
 
         Returns:
             ``{"loss", "lm", "spatial", "attention"}``; the distillation terms are float32
@@ -128,6 +174,8 @@ class MedAlignObjective:
             if teacher is None:
                 raise ValueError("teacher targets are required when lambda_align or lambda_attn is > 0")
             similarity, teacher_attention = self.targets(teacher)
+            if token_weights is None and settings.token_weights == "teacher_attention":
+                token_weights = attention_token_weights(teacher_attention).to(lm.device)
             if settings.lambda_align > 0:
                 spatial = spatial_alignment_loss(captured.visual_states, similarity.to(lm.device), token_weights)
             if settings.lambda_attn > 0:

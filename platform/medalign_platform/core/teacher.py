@@ -66,19 +66,29 @@ class TeacherOutputs:
         cls_attention: ``[B, h*w]`` last-block CLS-query attention probabilities,
             averaged over heads, prefix columns dropped (so rows sum to <= 1).
         grid: ``(h, w)`` native patch grid of the teacher.
+        prompt_attention: optional ``[B, h*w]`` question-conditioned map
+            (``teacher.attention: prompt_aware``); when set it is the attention target.
     """
 
     patch_tokens: Tensor
     cls_attention: Tensor
     grid: tuple[int, int]
+    prompt_attention: Tensor | None = None
+
+    @property
+    def attention(self) -> Tensor:
+        """The attention target: ``prompt_attention`` when present, else ``cls_attention``."""
+        return self.prompt_attention if self.prompt_attention is not None else self.cls_attention
 
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> "TeacherOutputs":
-        """Returns a copy with both tensors moved to ``device`` and/or cast to ``dtype``."""
+        """Returns a copy with the tensors moved to ``device`` and/or cast to ``dtype``."""
+        prompt = self.prompt_attention
         return TeacherOutputs(
             patch_tokens=self.patch_tokens.to(device=device, dtype=dtype),
             cls_attention=self.cls_attention.to(device=device, dtype=dtype),
             grid=self.grid,
+            prompt_attention=None if prompt is None else prompt.to(device=device, dtype=dtype),
         )
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..data.collate import generate_answers
+from ..data.prompts import clean_question
 from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
 
 
@@ -31,6 +32,10 @@ class SplitItems:
 
     def image_path(self, index: int) -> str:
         return str(self.dataset.items[self.indices[index]].image_path)
+
+    def question(self, index: int) -> str:
+        """The item's question without decoding its image."""
+        return self.dataset.items[self.indices[index]].question
 
 
 def load_split(data: dict, split: str) -> SplitItems:
@@ -64,20 +69,44 @@ def evaluation_items(items: SplitItems, size: int) -> list[dict]:
     return [items[int(i)] for i in picks]
 
 
+TEACHER_ATTENTION = ("cls", "prompt_aware")
+
+
+def teacher_attention_mode(teacher_config: dict) -> str:
+    """``teacher.attention``: ``cls`` (CLS-row attention, per image) or ``prompt_aware``
+    (conditioned on each question through the text tower, per image and question)."""
+    mode = teacher_config.get("attention", "cls")
+    if mode not in TEACHER_ATTENTION:
+        raise ValueError(f"teacher.attention must be one of {list(TEACHER_ATTENTION)}, got {mode!r}")
+    return mode
+
+
 class TargetLookup:
     """Maps training items to their cached teacher targets.
 
     The teacher is loaded once per worker (its weights define the cache key); image
     content hashes are computed once per image; targets are read from the shared
     :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
-    :func:`precompute_targets` on the driver.
+    :func:`precompute_targets` on the driver. With ``teacher.attention: prompt_aware`` the
+    question-conditioned maps are looked up (or computed) per (image, question) too.
+
+    Args:
+        teacher_config: the ``teacher`` section (``name``, ``pretrained``, ``cache_dir``,
+            ``attention``).
+        teacher: an already built teacher object (any object the cache accepts, e.g. a
+            SynthMed oracle); default: :func:`~medalign_platform.core.teacher.load_teacher`.
     """
 
-    def __init__(self, teacher_config: dict):
+    def __init__(self, teacher_config: dict, teacher=None):
         from ..core.target_cache import TargetCache
         from ..core.teacher import load_teacher
 
-        self.teacher = load_teacher(teacher_config["name"], teacher_config.get("pretrained"))
+        self.mode = teacher_attention_mode(teacher_config)
+        self.teacher = teacher if teacher is not None else load_teacher(teacher_config["name"],
+                                                                        teacher_config.get("pretrained"))
+        if self.mode == "prompt_aware" and not getattr(self.teacher, "has_text", True):
+            raise ValueError(f"teacher.attention=prompt_aware but teacher {teacher_config.get('name')!r} has no text "
+                             "tower; use teacher.attention=cls or convert it with its text encoder")
         self.cache = TargetCache(teacher_config["cache_dir"])
         self._hashes: dict[str, str] = {}
 
@@ -89,9 +118,20 @@ class TargetLookup:
             self._hashes[key] = image_content_hash(path)
         return self._hashes[key]
 
-    def __call__(self, image_paths: Sequence[str]):
-        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order."""
-        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths])
+    def __call__(self, image_paths: Sequence[str], questions: Sequence[str] | None = None):
+        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order.
+
+        ``questions`` (one per image) are used only in ``prompt_aware`` mode, where they are
+        required; the result then carries ``prompt_attention``.
+        """
+        if self.mode == "prompt_aware":
+            if questions is None:
+                raise ValueError("teacher.attention=prompt_aware needs the question of every image")
+            questions = [clean_question(q) for q in questions]
+        else:
+            questions = None
+        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths],
+                                         questions=questions)
 
 
 def precompute_targets(teacher_config: dict, items: SplitItems, chunk: int = 2048) -> dict:
@@ -101,9 +141,16 @@ def precompute_targets(teacher_config: dict, items: SplitItems, chunk: int = 204
     same teacher and images only reads.
     """
     lookup = TargetLookup(teacher_config)
-    unique = sorted({items.image_path(i) for i in range(len(items))})
-    for start in range(0, len(unique), chunk):
-        lookup(unique[start : start + chunk])
+    if lookup.mode == "prompt_aware":  # one map per (image, question) pair
+        pairs = sorted({(items.image_path(i), items.question(i)) for i in range(len(items))})
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            lookup([p for p, _ in part], [q for _, q in part])
+        unique = sorted({p for p, _ in pairs})
+    else:
+        unique = sorted({items.image_path(i) for i in range(len(items))})
+        for start in range(0, len(unique), chunk):
+            lookup(unique[start : start + chunk])
     stats = lookup.cache.stats
     return {"images": len(unique), "hits": stats.hits, "misses": stats.misses, "corrupt": stats.corrupt}
 
@@ -115,7 +162,7 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, on_predictions: Callable | None = None) -> dict:
+                   num_beams: int = 1, on_predictions: Callable | None = None, prompt_template: str = "auto") -> dict:
     """Answers ``items`` greedily and scores them.
 
     Args:
@@ -136,6 +183,7 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         predictions = generate_answers(
             model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
             on_batch=lambda meta, _: attentions.append(_prompt_attention(tap, len(meta))),
+            prompt_template=prompt_template,
         )
     finally:
         tap.capture_attention = capture
@@ -166,4 +214,5 @@ def evaluate_split(model, processor, objective, settings, split: str, on_predict
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
+        prompt_template=settings.model.get("prompt_template", "auto"),
     )

@@ -28,7 +28,16 @@ from safetensors.torch import load_file, save_file
 
 from ..data.collate import StudentCollator
 from ..core.objective import DistillSettings, MedAlignObjective
-from ..core.student import LoraSettings, SteerSettings, apply_lora, load_student, validate_layer
+from ..core.student import (
+    LoraSettings,
+    SteerSettings,
+    apply_lora,
+    check_expected_layout,
+    enable_gradient_checkpointing,
+    load_student,
+    torch_dtype,
+    validate_layer,
+)
 
 
 @dataclass
@@ -68,6 +77,9 @@ class TrainerSettings:
     seed: int = field(default=0, metadata={"help": "Seeds weights of LoRA/steer, data order and dropout."})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."})
     num_threads: int = field(default=0, metadata={"help": "torch CPU threads per worker (0 = leave as is)."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute decoder blocks in backward (non-reentrant): activation "
+                                 "memory drops to about one layer input per block; a step costs ~1.3x."})
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "num_beams"):
@@ -275,14 +287,20 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
     seed_everything(trainer.seed)
     device = context.device
 
-    model, processor = load_student(settings.model["path"], attn_implementation=settings.model.get("attn_implementation", "sdpa"))
+    model_cfg = settings.model
+    model, processor = load_student(model_cfg["path"], attn_implementation=model_cfg.get("attn_implementation", "sdpa"),
+                                    dtype=torch_dtype(model_cfg.get("dtype", "float32")))
+    check_expected_layout(model, grid=model_cfg.get("grid"), vision_feature_layer=model_cfg.get("vision_feature_layer"))
     validate_layer(model, settings.distill.layer)
     model = apply_lora(model, settings.lora)
+    if trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     objective = MedAlignObjective(model, settings.distill)
     model.to(device)
     train_items = load_split(settings.data, "train")
     targets = TargetLookup(settings.teacher)  # reads the shared cache filled on the driver
-    collator = StudentCollator(processor, max_length=int(settings.data.get("max_length", 256)))
+    collator = StudentCollator(processor, max_length=int(settings.data.get("max_length", 256)),
+                               prompt_template=model_cfg.get("prompt_template", "auto"))
 
     parameters = objective.trainable_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
@@ -315,7 +333,7 @@ def run_training(config: dict, context: RunContext, evaluate: Callable | None = 
             items = [train_items[i] for i in order[index]]
             batch, _ = collator(items)
             batch = {k: v.to(device) for k, v in batch.items()}
-            teacher = targets([item["image_path"] for item in items]).to(device)
+            teacher = targets([item["image_path"] for item in items], [item["question"] for item in items]).to(device)
             sync = accum == trainer.grad_accum - 1 or not hasattr(train_model, "no_sync")
             with (nullcontext() if sync else train_model.no_sync()), _autocast(device, trainer.precision):
                 terms = objective_forward(objective, train_model, batch, teacher)
@@ -386,8 +404,10 @@ def _log_predictions(logger, targets, objective: MedAlignObjective, step: int, s
         if logger is None:
             return
         shown = items[:4]
-        teacher = targets([item["image_path"] for item in shown])
-        teacher_attention = teacher_attention_map(teacher.cls_attention, teacher.grid, objective.student_grid)
+        teacher = targets([item["image_path"] for item in shown], [item["question"] for item in shown])
+        # The only place distill.teacher_max_normalize matters: how the panel scales the map.
+        teacher_attention = teacher_attention_map(teacher.attention, teacher.grid, objective.student_grid,
+                                                  max_normalize=objective.settings.teacher_max_normalize)
         logger.evaluation(step, split, items, answers, student_attention, teacher_attention, objective.student_grid)
 
     return log
