@@ -1,0 +1,634 @@
+"""``medalign check``: a preflight that loads no weights, and the per-trial GPU memory estimate.
+
+What it checks, in order, before any Ray resource or weight is touched:
+
+1. the composed config validates (:func:`~medalign_platform.run.compose.validate_run_config`:
+   keys, ranges, files, layer range);
+2. the student's ``config.json`` (read from disk or the local HF cache) is a transformers
+   LLaVA with a vision grid, an image token, and the layout a preset declares
+   (``model.grid``, ``model.vision_feature_layer``); ``data.max_length`` holds its image tokens;
+3. the teacher's config (open_clip ``local-dir`` / ``hf-hub`` / config name, or a
+   transformers ``CLIPModel``) gives a ViT grid; it is mapped onto the student's grid
+   (e.g. 14x14 -> 24x24, bilinear); ``teacher.attention: prompt_aware`` needs a text tower;
+4. dtype and attention implementation fit the device (``flash_attention_2`` needs the
+   package and a half-precision model; ``eager`` materialises every layer's attention);
+5. the per-trial GPU memory (:func:`estimate_memory`) with and without gradient
+   checkpointing, and how many trials fit on each GPU (:func:`check_trial_fits`, also what
+   ``medalign sweep`` runs before Ray starts).
+
+The memory model (bytes, counted from the model built on the ``meta`` device):
+
+* weights: parameters x ``model.dtype`` size (+2 bytes/parameter when fp32 weights run
+  under bf16 autocast, which caches a bf16 copy of every weight it uses);
+* trainable state: LoRA and steer parameters are fp32 (peft keeps adapters in fp32), with
+  their gradients and AdamW's two moments: 16 bytes per trainable parameter;
+* activations saved for backward, per token and decoder layer, with the frozen base
+  weights (their matmuls save no inputs) and the activation dtype ``a`` (2 for bf16):
+  ``4h`` + ``4h`` (fp32 RMSNorm inputs), ``2 q_rot + 4 kv`` (rotated q, k and v kept by
+  SDPA) ``+ a*q`` (SDPA output), ``3 a*i`` (SiLU input, its output and the up projection);
+  each LoRA-wrapped linear keeps its fp32 input (``4 in``; peft casts to the adapter dtype)
+  plus a 1-byte dropout mask when ``lora.dropout > 0``; ``eager`` attention adds
+  ``6 heads T`` per token (fp32 softmax output and its bf16 copy);
+* the head: the final norm input and the logits (``a V``) with the fp32 log-softmax the
+  loss keeps (``4 V``), plus their fp32 gradient at the start of backward (``4 V``);
+* with gradient checkpointing only each block's input (``a h`` per token and layer) is
+  kept, and the peak adds one block's recomputed activations (x1.5 for the gradients in
+  flight) or the head, whichever is larger;
+* the MedAlign tap: one layer's q/k recompute and fp32 scores/probabilities for the
+  prompt-text query rows only.
+
+Against the measured anchors of ``/work/shared/method.md`` (random-weight LLaVA-1.5-7B, bf16,
+LoRA r=64, 674 tokens) the estimate lands within a few percent: see ``docs/models.md``.
+Not counted: the CUDA context and allocator fragmentation (``GPU_RESERVE_GIB`` is kept
+free for them), the frozen vision tower's forward (no graph, ~30 MB per image).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .compose import ConfigError, compose_config, validate_run_config
+
+__all__ = [
+    "GPU_MEMORY_GIB",
+    "MemoryEstimate",
+    "PreflightReport",
+    "check_command",
+    "check_trial_fits",
+    "estimate_memory",
+    "estimate_for_config",
+    "local_gpus",
+    "run_preflight",
+    "student_config",
+    "teacher_layout",
+]
+
+GIB = 2**30
+#: Kept free on every GPU for the CUDA context, cuBLAS workspaces and fragmentation.
+GPU_RESERVE_GIB = 1.5
+#: Nominal total memory (GiB, as nvidia-smi reports it) of common cards, used when the
+#: cluster's GPUs are not given (``check.gpus``) or visible from the driver.
+GPU_MEMORY_GIB = {"A10-24GB": 22.5, "L40S-48GB": 45.0, "A100-40GB": 40.0, "A100-80GB": 80.0, "H100-80GB": 79.6,
+                  "H200-141GB": 140.4}
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_LORA_STATE_BYTES = 16  # fp32 parameter + gradient + AdamW exp_avg + exp_avg_sq
+
+
+# --------------------------------------------------------------------------- configs on disk
+
+
+def student_config(path: str):
+    """The student's transformers config, read without weights (local folder or HF cache).
+
+    Raises:
+        ConfigError: no config, an original-layout LLaVA that needs ``medalign convert``,
+            or not a LLaVA-family model.
+    """
+    from transformers import AutoConfig
+
+    local = Path(str(path)).expanduser()
+    raw = json.loads((local / "config.json").read_text()) if (local / "config.json").is_file() else None
+    if raw is not None and raw.get("model_type", "").startswith("llava_"):
+        raise ConfigError(f"model.path={path}: model_type={raw['model_type']!r} is the original LLaVA layout, which "
+                          f"transformers cannot load; convert it first: medalign convert llava-med {path} OUT "
+                          "VISION_TOWER, then point model.path at OUT")
+    try:
+        config = AutoConfig.from_pretrained(str(local) if raw is not None else str(path))
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"model.path={path}: no config.json on disk or in the local Hugging Face cache "
+                          f"({str(error).splitlines()[0]}); download the model (huggingface-cli download {path}) or "
+                          "fix the path") from error
+    if not hasattr(config, "vision_config") or not hasattr(config, "text_config"):
+        raise ConfigError(f"model.path={path}: {type(config).__name__} is not a LLaVA-family config "
+                          "(it needs a vision_config and a text_config)")
+    return config
+
+
+def student_grid(config) -> tuple[int, int]:
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    return (side, side)
+
+
+def _hub_file(repo: str, filename: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
+        return None
+    found = try_to_load_from_cache(repo, filename)
+    return Path(found) if isinstance(found, str) else None
+
+
+def _open_clip_layout(model_cfg: dict) -> dict:
+    """Grid, width and parameter count of an open_clip vision tower, built on the meta device."""
+    import open_clip
+    from open_clip.model import _build_vision_tower
+
+    vision_cfg = dict(model_cfg["vision_cfg"])
+    vision_cfg.pop("timm_model_pretrained", None)
+    with torch.device("meta"):
+        visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg, quick_gelu=model_cfg.get("quick_gelu", False))
+    if hasattr(visual, "trunk"):
+        grid, width = tuple(visual.trunk.patch_embed.grid_size), int(visual.trunk.embed_dim)
+    elif hasattr(visual, "grid_size"):
+        grid, width = tuple(visual.grid_size), int(visual.transformer.width)
+    else:
+        raise ConfigError(f"the teacher's vision tower {type(visual).__name__} is not a ViT; MedAlign needs a CLS ViT")
+    del open_clip
+    return {"grid": (int(grid[0]), int(grid[1])), "width": width,
+            "params": sum(p.numel() for p in visual.parameters())}
+
+
+def teacher_layout(teacher: dict) -> dict:
+    """What the teacher config says, without weights: ``kind``, ``grid``, ``width``,
+    ``params`` (vision tower), ``has_text`` and ``source`` (the file read).
+
+    Raises:
+        ConfigError: a missing file, or a config that is not in the local cache.
+    """
+    name = str(teacher.get("name") or "")
+    if name.startswith("hf-clip:"):
+        source = name[len("hf-clip:"):]
+        local = Path(source).expanduser() / "config.json"
+        path = local if local.is_file() else _hub_file(source, "config.json")
+        if path is None:
+            raise ConfigError(f"teacher.name={name}: no config.json at {local} nor in the local HF cache; download it "
+                              f"(huggingface-cli download {source}) or fix the path")
+        vision = json.loads(path.read_text())["vision_config"]
+        side = int(vision["image_size"]) // int(vision["patch_size"])
+        return {"kind": "transformers CLIPModel", "grid": (side, side), "width": int(vision["hidden_size"]),
+                "params": None, "has_text": True, "source": str(path)}
+    if name.startswith("local-dir:"):
+        path = Path(name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+        if not path.is_file():
+            raise ConfigError(f"teacher.name={name}: {path} does not exist")
+        config = json.loads(path.read_text())
+    elif name.startswith("hf-hub:"):
+        path = _hub_file(name[len("hf-hub:"):], "open_clip_config.json")
+        if path is None:
+            raise ConfigError(f"teacher.name={name}: open_clip_config.json is not in the local HF cache (the hub is "
+                              f"offline); download it (huggingface-cli download {name[7:]}) or use local-dir:PATH")
+        config = json.loads(path.read_text())
+    else:
+        import open_clip
+
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ConfigError(f"teacher.name={name!r} is not an open_clip config name, local-dir:, hf-hub: or hf-clip:")
+        config, path = {"model_cfg": model_cfg}, f"open_clip config {name}"
+    model_cfg = config["model_cfg"]
+    layout = _open_clip_layout(model_cfg)
+    text_cfg = model_cfg.get("text_cfg", {})
+    has_text = (config.get("medalign") or {}).get("text_tower", "present") != "absent"
+    hf_text = text_cfg.get("hf_model_name")
+    if has_text and hf_text and hf_text.startswith("/") and not (Path(hf_text) / "config.json").is_file():
+        raise ConfigError(f"teacher {name}: its text tower config {hf_text}/config.json is missing (the folder moved?); "
+                          "re-run medalign convert or fix hf_model_name in open_clip_config.json")
+    kind = "open_clip + timm ViT" if "timm_model_name" in model_cfg["vision_cfg"] else "open_clip ViT"
+    return {"kind": kind, **layout, "has_text": has_text, "source": str(path)}
+
+
+# --------------------------------------------------------------------------- memory model
+
+
+@dataclass
+class MemoryEstimate:
+    """Estimated peak GPU memory of one training step on one worker (bytes)."""
+
+    params_total: int
+    params_trainable: int
+    weights: int
+    autocast_cache: int
+    trainable_state: int
+    activations: int
+    transient: int
+    batch_size: int
+    seq_len: int
+    gradient_checkpointing: bool
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.autocast_cache + self.trainable_state + self.activations + self.transient
+
+    def gib(self, value: int | None = None) -> float:
+        return (self.total if value is None else value) / GIB
+
+    def describe(self) -> str:
+        parts = [f"weights {self.gib(self.weights):.1f}"]
+        if self.autocast_cache:
+            parts.append(f"autocast copies {self.gib(self.autocast_cache):.1f}")
+        parts += [f"LoRA+AdamW {self.gib(self.trainable_state):.2f}",
+                  f"activations {self.gib(self.activations + self.transient):.1f}"]
+        ckpt = "with" if self.gradient_checkpointing else "without"
+        return (f"{self.gib():.1f} GiB ({', '.join(parts)} GiB; batch {self.batch_size} x {self.seq_len} tokens, "
+                f"{ckpt} gradient checkpointing)")
+
+
+def _meta_model(config):
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        return LlavaForConditionalGeneration(config)
+
+
+def _unique_params(module) -> int:
+    seen, total = set(), 0
+    for parameter in module.parameters():
+        if id(parameter) not in seen:
+            seen.add(id(parameter))
+            total += parameter.numel()
+    return total
+
+
+def _lora_shapes(model, lora) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of every LLM linear that gets LoRA."""
+    from ..core.student import language_model
+
+    layers = language_model(model).layers
+    chosen = range(len(layers)) if lora.layers_to_transform is None else lora.layers_to_transform
+    shapes = []
+    for index in chosen:
+        for name, module in layers[index].named_modules():
+            if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in lora.target_modules:
+                shapes.append((module.in_features, module.out_features))
+    return shapes
+
+
+def estimate_memory(config, *, lora, steer_mode: str = "off", steer_rank: int = 64, batch_size: int,
+                    seq_len: int, query_len: int | None = None, weight_dtype: str = "bfloat16",
+                    compute_dtype: str = "bfloat16", gradient_checkpointing: bool = False,
+                    attn_implementation: str = "sdpa", capture_attention: bool = True,
+                    meta_model=None) -> MemoryEstimate:
+    """Peak GPU memory of one MedAlign training step (see the module docstring for the model).
+
+    Args:
+        config: the student's ``LlavaConfig``.
+        lora: ``LoraSettings`` (rank, dropout, target modules, layers).
+        steer_mode / steer_rank: the steer adapter (``off`` | ``full`` | ``low_rank``).
+        batch_size / seq_len: micro-batch and tokens per sample (image tokens included).
+        query_len: prompt-text rows the tap recomputes (default: ``seq_len`` minus the image).
+        weight_dtype: ``model.dtype``; compute_dtype: the activation dtype (bf16 under autocast).
+        gradient_checkpointing / attn_implementation / capture_attention: as configured.
+        meta_model: a meta-device model of ``config`` to reuse.
+    """
+    model = meta_model if meta_model is not None else _meta_model(config)
+    text = config.text_config
+    h = int(text.hidden_size)
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or h // heads)
+    q, kv = heads * head_dim, int(getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    i = int(text.intermediate_size)
+    layers = int(text.num_hidden_layers)
+    vocab = int(text.vocab_size)
+    a = _DTYPE_BYTES[compute_dtype]
+    w = _DTYPE_BYTES[weight_dtype]
+    tokens = batch_size * seq_len
+
+    params_total = _unique_params(model)
+    lora_shapes = _lora_shapes(model, lora)
+    lora_params = sum(lora.rank * (fan_in + fan_out) for fan_in, fan_out in lora_shapes)
+    steer_params = {"off": 0, "full": h * h, "low_rank": 2 * h * steer_rank}[steer_mode]
+    trainable = lora_params + steer_params
+    weights = params_total * w
+    autocast_cache = params_total * 2 if (w == 4 and a == 2) else 0
+
+    # Saved activations per token and layer (bytes).
+    base = 4 * h + 4 * h + a * q + 2 * a * kv + a * q + 3 * a * i
+    mask = 1 if lora.dropout > 0 else 0
+    lora_saved = 0
+    per_layer_lora = _lora_shapes_per_layer(lora_shapes, layers if lora.layers_to_transform is None
+                                            else len(lora.layers_to_transform))
+    for fan_in, _ in per_layer_lora:
+        lora_saved += (4 + mask) * fan_in + 4 * lora.rank
+    lora_layers = layers if lora.layers_to_transform is None else len(lora.layers_to_transform)
+    eager = 6 * heads * seq_len if attn_implementation == "eager" else 0
+    per_token_layer = base + eager  # every layer
+    head = 4 * h + a * vocab + 4 * vocab  # final norm input, logits, fp32 log-softmax
+    head_grad = 4 * vocab
+    query_len = max(1, seq_len - _num_image_tokens(config)) if query_len is None else query_len
+    tap = (2 * a * (q + kv) * seq_len + 8 * heads * query_len * seq_len) * batch_size if capture_attention else 0
+
+    full_layers = per_token_layer * layers * tokens + lora_saved * lora_layers * tokens
+    if not gradient_checkpointing:
+        activations = full_layers + head * tokens + tap
+        transient = head_grad * tokens
+    else:
+        activations = a * h * layers * tokens + head * tokens + tap
+        one_layer = (per_token_layer + lora_saved) * tokens
+        transient = max(head_grad * tokens, int(1.5 * one_layer) - head * tokens)
+    return MemoryEstimate(
+        params_total=params_total, params_trainable=trainable, weights=weights, autocast_cache=autocast_cache,
+        trainable_state=trainable * _LORA_STATE_BYTES, activations=int(activations), transient=int(transient),
+        batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+    )
+
+
+def _lora_shapes_per_layer(shapes: list[tuple[int, int]], num_layers: int) -> list[tuple[int, int]]:
+    """The LoRA linears of one layer (all layers share the structure)."""
+    if not shapes or not num_layers:
+        return []
+    per_layer = len(shapes) // num_layers
+    return shapes[:per_layer]
+
+
+def _num_image_tokens(config) -> int:
+    rows, cols = student_grid(config)
+    return rows * cols
+
+
+# --------------------------------------------------------------------------- the run config
+
+
+def _settings(config: dict):
+    from .loop import RunSettings
+
+    return RunSettings.from_config(config)
+
+
+def compute_dtype_of(config: dict) -> tuple[str, str]:
+    """``(weight dtype, activation dtype)`` of a run on GPU."""
+    weight = str(config["model"].get("dtype", "float32"))
+    precision = str(config["trainer"].get("precision", "auto"))
+    if weight in ("bfloat16", "float16"):
+        return weight, weight
+    return weight, "float32" if precision == "fp32" else "bfloat16"
+
+
+def estimate_for_config(config: dict, *, batch_size: int | None = None, gradient_checkpointing: bool | None = None,
+                        student=None, meta_model=None) -> MemoryEstimate:
+    """:func:`estimate_memory` for a composed run config (model, LoRA, steer, trainer, data)."""
+    settings = _settings(config)
+    student = student if student is not None else student_config(config["model"]["path"])
+    weight, compute = compute_dtype_of(config)
+    return estimate_memory(
+        student, lora=settings.lora, steer_mode=settings.distill.steer.mode, steer_rank=settings.distill.steer.rank,
+        batch_size=batch_size or settings.trainer.batch_size, seq_len=int(config["data"].get("max_length", 256)),
+        weight_dtype=weight, compute_dtype=compute,
+        gradient_checkpointing=(settings.trainer.gradient_checkpointing if gradient_checkpointing is None
+                                else gradient_checkpointing),
+        attn_implementation=str(config["model"].get("attn_implementation", "sdpa")),
+        capture_attention=settings.distill.lambda_attn > 0, meta_model=meta_model,
+    )
+
+
+def local_gpus() -> list[tuple[str, float]]:
+    """``(name, total GiB)`` of the GPUs this process sees (none on a CPU driver)."""
+    if not torch.cuda.is_available():
+        return []
+    return [(torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory / GIB)
+            for i in range(torch.cuda.device_count())]
+
+
+def parse_gpus(value) -> list[tuple[str, float]]:
+    """``check.gpus`` / ``ray.gpu_memory_gib``: numbers (GiB) or names from :data:`GPU_MEMORY_GIB`."""
+    if value is None:
+        return []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    gpus = []
+    for item in values:
+        if isinstance(item, (int, float)) and not isinstance(item, bool) and item > 0:
+            gpus.append((f"{item:g} GiB GPU", float(item)))
+        elif isinstance(item, str) and item in GPU_MEMORY_GIB:
+            gpus.append((item, GPU_MEMORY_GIB[item]))
+        else:
+            raise ConfigError(f"GPU {item!r}: give its memory in GiB (e.g. 80) or one of {sorted(GPU_MEMORY_GIB)}")
+    return gpus
+
+
+def trials_per_gpu(estimate: MemoryEstimate, gpu_gib: float) -> int:
+    return max(0, math.floor((gpu_gib - GPU_RESERVE_GIB) / estimate.gib()))
+
+
+def check_trial_fits(config: dict, trial_resources: dict | None, cluster_gpus) -> list[str]:
+    """Problems (empty when it fits) with running one trial of ``config`` on its GPU share.
+
+    A trial gets ``trial_resources["GPU"]`` of a GPU (a fraction, or whole GPUs per worker);
+    it fits when the estimated peak is below that share of the smallest GPU, less
+    :data:`GPU_RESERVE_GIB`. Each problem names the fix: ``sweep.trial_resources.GPU``,
+    ``trainer.batch_size`` or ``trainer.gradient_checkpointing``.
+
+    Args:
+        config: the composed run config of a trial.
+        trial_resources: e.g. ``{"CPU": 1, "GPU": 0.5}`` (None: ``ray.resources_per_worker``).
+        cluster_gpus: ``[(name, GiB), ...]``, GiB numbers, or names (see :func:`parse_gpus`);
+            empty: nothing to check against.
+    """
+    resources = dict(trial_resources or config.get("ray", {}).get("resources_per_worker") or {})
+    share = float(resources.get("GPU", 1 if config.get("ray", {}).get("use_gpu") else 0) or 0)
+    gpus = [g if isinstance(g, tuple) else parse_gpus(g)[0] for g in (cluster_gpus or [])]
+    if share <= 0 or not gpus:
+        return []
+    student = student_config(config["model"]["path"])
+    meta = _meta_model(student)
+    estimate = estimate_for_config(config, student=student, meta_model=meta)
+    name, smallest = min(gpus, key=lambda g: g[1])
+    capacity = share * (smallest - GPU_RESERVE_GIB) if share < 1 else smallest - GPU_RESERVE_GIB
+    if estimate.gib() <= capacity:
+        return []
+    fixes = []
+    needed = estimate.gib() / (smallest - GPU_RESERVE_GIB)
+    if share < 1 and needed <= 1:
+        fraction = next(f for f in (0.125, 0.25, 1 / 3, 0.5, 1.0) if f >= needed)
+        fixes.append(f"sweep.trial_resources.GPU={fraction:.3g} ({int(1 / fraction)} trial(s) per GPU)")
+    batch = estimate.batch_size
+    while batch > 1:
+        batch //= 2
+        smaller = estimate_for_config(config, batch_size=batch, student=student, meta_model=meta)
+        if smaller.gib() <= capacity:
+            fixes.append(f"trainer.batch_size={batch} (with trainer.grad_accum x{estimate.batch_size // batch} to keep "
+                         f"the effective batch; ~{smaller.gib():.1f} GiB)")
+            break
+    if not estimate.gradient_checkpointing:
+        ckpt = estimate_for_config(config, gradient_checkpointing=True, student=student, meta_model=meta)
+        if ckpt.gib() <= capacity:
+            fixes.append(f"trainer.gradient_checkpointing=true (~{ckpt.gib():.1f} GiB, ~1.3x step time)")
+    fix_text = "; or ".join(fixes) if fixes else "a GPU with more memory (no listed setting fits)"
+    return [f"a trial needs ~{estimate.describe()}, but gets {share:g} x {smallest:.0f} GiB ({name}) less "
+            f"{GPU_RESERVE_GIB} GiB reserve = {capacity:.1f} GiB. Fix: {fix_text}."]
+
+
+# --------------------------------------------------------------------------- the report
+
+
+@dataclass
+class PreflightReport:
+    """What ``medalign check`` prints: facts, warnings and problems (problems fail the check)."""
+
+    lines: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    estimates: dict[str, MemoryEstimate] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def text(self) -> str:
+        out = list(self.lines)
+        out += [f"warning: {w}" for w in self.warnings]
+        out += [f"PROBLEM: {p}" for p in self.problems]
+        out.append("preflight: OK" if self.ok else f"preflight: {len(self.problems)} problem(s)")
+        return "\n".join(out)
+
+
+def _check_dtype_and_attention(config: dict, report: PreflightReport) -> None:
+    model = config["model"]
+    use_gpu = bool(config.get("ray", {}).get("use_gpu"))
+    dtype = str(model.get("dtype", "float32"))
+    implementation = str(model.get("attn_implementation", "sdpa"))
+    precision = str(config["trainer"].get("precision", "auto"))
+    if implementation not in ("sdpa", "eager", "flash_attention_2"):
+        report.problems.append(f"model.attn_implementation={implementation!r}: use sdpa, eager or flash_attention_2")
+    if implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            report.problems.append("model.attn_implementation=flash_attention_2 but the flash_attn package is not "
+                                   "installed; use sdpa (the tap works with it) or install flash-attn")
+        if dtype == "float32":
+            report.problems.append("flash_attention_2 needs half-precision weights: set model.dtype=bfloat16")
+        if not use_gpu:
+            report.problems.append("flash_attention_2 runs on GPUs only: set ray.use_gpu=true or use sdpa")
+    if implementation == "eager":
+        report.warnings.append("model.attn_implementation=eager materialises [heads, T, T] per layer for backward; "
+                               "sdpa gives the same tap values at a fraction of the memory")
+    if use_gpu and dtype == "float32":
+        report.warnings.append("model.dtype=float32 on GPU keeps fp32 weights (4 bytes/parameter) plus bf16 autocast "
+                               "copies; model.dtype=bfloat16 halves the weights")
+    if use_gpu and dtype == "float16":
+        report.warnings.append("model.dtype=float16: activations can overflow without loss scaling; prefer bfloat16")
+    if not use_gpu and dtype != "float32":
+        report.warnings.append(f"model.dtype={dtype} on CPU is slow (no bf16 matmul kernels on most CPUs)")
+    if precision == "fp32" and use_gpu and dtype == "float32":
+        report.warnings.append("trainer.precision=fp32 on GPU: activations in fp32 take twice the memory of bf16")
+
+
+def run_preflight(config: dict, gpus=None) -> PreflightReport:
+    """Runs every check on a composed config (see the module docstring); loads no weights.
+
+    Args:
+        config: the composed run config.
+        gpus: ``[(name, GiB), ...]`` or GiB numbers / names to fit trials on; default: the
+            GPUs this process sees, else ``ray.gpu_memory_gib``, else a reference table.
+    """
+    report = PreflightReport()
+    try:
+        validate_run_config(config)
+    except ConfigError as error:
+        report.problems.append(str(error))
+        return report
+    settings = _settings(config)
+    model_cfg, teacher_cfg = config["model"], config["teacher"]
+    try:
+        student = student_config(model_cfg["path"])
+    except ConfigError as error:
+        report.problems.append(str(error))
+        return report
+    text = student.text_config
+    grid = student_grid(student)
+    image_tokens = grid[0] * grid[1]
+    report.lines.append(
+        f"student: {model_cfg['path']} ({text.model_type}, {text.num_hidden_layers} layers, hidden {text.hidden_size}, "
+        f"vision {student.vision_config.model_type} {student.vision_config.image_size}px/"
+        f"{student.vision_config.patch_size} -> {grid[0]}x{grid[1]} = {image_tokens} image tokens, feature layer "
+        f"{student.vision_feature_layer}, {student.vision_feature_select_strategy})")
+    declared = model_cfg.get("grid")
+    if declared is not None and tuple(declared) != grid:
+        report.problems.append(f"model.grid={list(declared)} but the checkpoint's vision tower gives "
+                               f"{grid[0]}x{grid[1]}; fix the preset or model.path")
+    declared_layer = model_cfg.get("vision_feature_layer")
+    if declared_layer is not None and declared_layer != student.vision_feature_layer:
+        report.problems.append(f"model.vision_feature_layer={declared_layer} but the checkpoint uses "
+                               f"{student.vision_feature_layer}")
+    max_length = int(config["data"].get("max_length", 256))
+    if max_length <= image_tokens + 8:
+        report.problems.append(f"data.max_length={max_length} cannot hold the {image_tokens} image tokens of this "
+                               f"student plus a prompt and an answer; raise it (e.g. {image_tokens + 448})")
+    report.lines.append(f"distillation: layer {settings.distill.layer} of 1..{text.num_hidden_layers - 1}, "
+                        f"lambda_align {settings.distill.lambda_align}, lambda_attn {settings.distill.lambda_attn}, "
+                        f"token_weights {settings.distill.token_weights}")
+
+    try:
+        teacher = teacher_layout(teacher_cfg)
+    except ConfigError as error:
+        report.problems.append(str(error))
+        teacher = None
+    if teacher is not None:
+        t_grid = teacher["grid"]
+        factor = grid[0] / t_grid[0]
+        mapping = ("same grid, no resize" if t_grid == grid else
+                   f"bilinear {'up' if factor > 1 else 'down'}sampling x{factor:.2f}")
+        params = f", {teacher['params'] / 1e6:.0f}M vision parameters" if teacher.get("params") else ""
+        report.lines.append(f"teacher: {teacher_cfg['name']} ({teacher['kind']}, width {teacher['width']}{params}, "
+                            f"text tower {'yes' if teacher['has_text'] else 'no'}); grid {t_grid[0]}x{t_grid[1]} -> "
+                            f"student {grid[0]}x{grid[1]} ({mapping})")
+        mode = teacher_cfg.get("attention", "cls")
+        if mode == "prompt_aware" and not teacher["has_text"]:
+            report.problems.append(f"teacher.attention=prompt_aware but {teacher_cfg['name']} has no text tower; set "
+                                   "teacher.attention=cls or convert the teacher with its text encoder")
+        report.lines.append(f"teacher attention: {mode} ({'per image and question' if mode == 'prompt_aware' else 'per image'})")
+    _check_dtype_and_attention(config, report)
+
+    meta = _meta_model(student)
+    weight, compute = compute_dtype_of(config)
+    for ckpt in (False, True):
+        estimate = estimate_for_config(config, gradient_checkpointing=ckpt, student=student, meta_model=meta)
+        report.estimates["checkpointing" if ckpt else "plain"] = estimate
+    plain = report.estimates["plain"]
+    report.lines.append(f"parameters: {plain.params_total / 1e9:.3f}B total, {plain.params_trainable / 1e6:.1f}M "
+                        f"trainable (LoRA r={settings.lora.rank}, steer {settings.distill.steer.mode}); weights "
+                        f"{weight}, activations {compute}, attention {model_cfg.get('attn_implementation', 'sdpa')}")
+    for key, label in (("plain", "per-trial GPU memory"), ("checkpointing", "  with gradient checkpointing")):
+        chosen = " (configured)" if (key == "checkpointing") == settings.trainer.gradient_checkpointing else ""
+        report.lines.append(f"{label}: ~{report.estimates[key].describe()}{chosen}")
+
+    if gpus is None:
+        gpus = local_gpus() or parse_gpus(config.get("ray", {}).get("gpu_memory_gib"))
+        reference = not gpus
+        gpus = gpus or list(GPU_MEMORY_GIB.items())
+    else:
+        reference = False
+        gpus = [g if isinstance(g, tuple) else parse_gpus(g)[0] for g in gpus]
+    configured = report.estimates["checkpointing" if settings.trainer.gradient_checkpointing else "plain"]
+    fits = ", ".join(f"{name}: {trials_per_gpu(configured, gib)}" for name, gib in gpus)
+    report.lines.append(f"trials per GPU{' (reference cards; give check.gpus=[...] for yours)' if reference else ''}: "
+                        f"{fits}")
+    resources = config.get("_check_trial_resources")
+    if not reference and (resources is not None or config.get("ray", {}).get("use_gpu")):
+        report.problems += check_trial_fits(config, resources, gpus)
+    return report
+
+
+def _split_check_overrides(overrides) -> tuple[dict, dict, list[str]]:
+    """``check.*`` and ``sweep.trial_resources*`` out of the overrides (they are not run-config keys)."""
+    from omegaconf import OmegaConf
+
+    check, sweep, rest = [], [], []
+    for text in overrides:
+        key = text.split("=", 1)[0].lstrip("+")
+        if key.startswith("check."):
+            check.append(text.lstrip("+"))
+        elif key.startswith("sweep."):
+            sweep.append(text.lstrip("+"))
+        else:
+            rest.append(text)
+    as_dict = lambda items: OmegaConf.to_container(OmegaConf.from_dotlist(items), resolve=True) if items else {}  # noqa: E731
+    return as_dict(check).get("check", {}), as_dict(sweep).get("sweep", {}), rest
+
+
+def check_command(overrides) -> int:
+    """``medalign check experiment=... [check.gpus=[80,141]] [sweep.trial_resources.GPU=0.5] [key=value ...]``."""
+    check, sweep, rest = _split_check_overrides(overrides)
+    unknown = sorted(set(check) - {"gpus"})
+    if unknown:
+        raise ConfigError(f"unknown check setting(s) {unknown}; valid: check.gpus=[80, H200-141GB, ...]")
+    config = compose_config(rest)
+    if sweep.get("trial_resources") is not None:
+        config["_check_trial_resources"] = sweep["trial_resources"]
+    gpus = parse_gpus(check.get("gpus")) if check.get("gpus") is not None else None
+    report = run_preflight(config, gpus)
+    print(report.text())
+    return 0 if report.ok else 2
