@@ -55,8 +55,15 @@ def test_every_subcommand_has_a_handler_and_path_commands_need_a_path():
     from medalign_platform.cli import HANDLERS
 
     assert set(SUBCOMMANDS) == set(HANDLERS) == {
-        "prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export"}
+        "prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export", "convert", "check"}
     assert all(built for _, _, built in SUBCOMMANDS.values())
     for command in ("status", "dashboard"):
         with pytest.raises(SystemExit, match=f"usage: medalign {command} EXP_DIR"):
             main([command])
+
+
+def test_convert_usage_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit, match="usage: medalign convert llava-med SRC OUT"):
+        main(["convert", "llava-med", "only-one"])
+    assert main(["convert", "unimed-clip", "/nonexistent.pt", "/tmp/never-written"]) == 2
+    assert "/nonexistent.pt" in capsys.readouterr().err

@@ -24,6 +24,8 @@ SUBCOMMANDS = {
     "status": ("Leaderboard and best configuration of an experiment directory.", 5, True),
     "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, True),
     "export": ("Export a run's LoRA adapter and steer weights for peft.", 4, True),
+    "convert": ("Convert a released checkpoint: llava-med SRC OUT [VISION_TOWER] | unimed-clip SRC.pt OUT.", 11, True),
+    "check": ("Preflight without weights: config, files, grids, dtype, GPU memory per trial.", 11, True),
 }
 
 
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("path", nargs="?", help="experiment or run directory")
         if name == "export":
             sub.add_argument("--out", required=False, help="directory to write the adapter to")
+        if name == "convert":
+            from .convert.command import add_arguments
+
+            add_arguments(sub)
+            continue
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
     return parser
 
@@ -135,13 +142,25 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert.command import convert_command
+
+    return convert_command(args)
+
+
+def _check(args) -> int:
+    from .run.preflight import check_command
+
+    return check_command(args.overrides)
+
+
 HANDLERS = {"prepare": _prepare, "train": _train, "sweep": _sweep, "ablate-layers": _ablate_layers,
-            "status": _status, "dashboard": _dashboard, "export": _export}
+            "status": _status, "dashboard": _dashboard, "export": _export, "convert": _convert, "check": _check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    parse_overrides(args.overrides)  # reject malformed overrides before anything else
+    parse_overrides(getattr(args, "overrides", []))  # reject malformed overrides before anything else
     _, issue, built = SUBCOMMANDS[args.command]
     if not built:
         print(
@@ -150,11 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    from .convert.sources import ConversionError
     from .run.compose import ConfigError
 
     try:
         return HANDLERS[args.command](args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, ConversionError, FileNotFoundError) as error:
         print(f"medalign {args.command}: {error}", file=sys.stderr)
         return 2
 

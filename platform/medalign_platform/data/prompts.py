@@ -9,6 +9,9 @@ the rendered prompt. ``model.prompt_template`` picks the format:
 ``llava_v1``
     LLaVA-1.5 / Vicuna without a system prompt, what llava-hf's llava-1.5 template renders:
     ``USER: <image>\\n{question} ASSISTANT:``;
+``vicuna_v1``
+    the original LLaVA-1.5 training and evaluation format (``conv_vicuna_v1``): Vicuna's
+    system prompt, then ``USER: <image>\\n{question} ASSISTANT:``;
 ``mistral_instruct``
     LLaVA-Med v1.5's ``conv_mistral_instruct`` (LLaMA-2 separator style, empty system
     prompt): ``[INST] <image>\\n{question} [/INST]``; the tokenizer adds ``<s>``;
@@ -33,6 +36,13 @@ _TEXTS = "{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ 
 #: Named chat templates (Jinja, the format ``tokenizer.apply_chat_template`` renders).
 CHAT_TEMPLATES: dict[str, str] = {
     "llava_v1": (
+        "{% for message in messages %}{% if message['role'] == 'user' %}USER: " + _IMAGE_FIRST + _NEWLINE + _TEXTS
+        + " {% else %}ASSISTANT: " + _TEXTS + "</s>{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    ),
+    "vicuna_v1": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. "
         "{% for message in messages %}{% if message['role'] == 'user' %}USER: " + _IMAGE_FIRST + _NEWLINE + _TEXTS
         + " {% else %}ASSISTANT: " + _TEXTS + "</s>{% endif %}{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT:{% endif %}"

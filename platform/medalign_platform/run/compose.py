@@ -151,11 +151,42 @@ def validate_run_config(config: dict) -> None:
     for key in ("name", "cache_dir"):
         if not teacher.get(key):
             raise ConfigError(f"teacher.{key} is not set")
+    validate_choices(config)
     name = str(teacher["name"])
+    if name.startswith("hf-clip:") and name[len("hf-clip:"):].startswith(("/", ".", "~")):
+        folder = Path(name[len("hf-clip:"):]).expanduser()
+        if not (folder / "config.json").is_file():
+            raise ConfigError(f"teacher.name={name!r}: no config.json there; point it at a transformers CLIPModel "
+                              "folder (e.g. PubMedCLIP downloaded)")
     if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
         raise ConfigError(f"teacher.name={name!r}: no open_clip_config.json there; run `medalign prepare data=synthmed`")
     if teacher.get("pretrained") and not Path(teacher["pretrained"]).is_file():
         raise ConfigError(f"teacher.pretrained={teacher['pretrained']!r} is not a file")
+
+
+def validate_choices(config: dict) -> None:
+    """The enumerated ``model.*`` / ``teacher.*`` settings (the run loop reads them as plain dicts).
+
+    Raises:
+        ConfigError: naming the key and the valid values.
+    """
+    from ..core.student import DTYPES
+    from ..data.prompts import check_template
+    from .evaluation import TEACHER_ATTENTION
+
+    model, teacher = config.get("model") or {}, config.get("teacher") or {}
+    if str(model.get("dtype", "float32")) not in DTYPES:
+        raise ConfigError(f"model.dtype={model.get('dtype')!r}: choose one of {sorted(DTYPES)}")
+    try:
+        check_template(model.get("prompt_template", "auto"))
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    grid = model.get("grid")
+    if grid is not None and (not isinstance(grid, (list, tuple)) or len(grid) != 2
+                             or not all(isinstance(g, int) and g > 0 for g in grid)):
+        raise ConfigError(f"model.grid={grid!r}: give [rows, cols] of the student's visual grid (e.g. [24, 24]) or null")
+    if teacher.get("attention", "cls") not in TEACHER_ATTENTION:
+        raise ConfigError(f"teacher.attention={teacher.get('attention')!r}: choose one of {list(TEACHER_ATTENTION)}")
 
 
 def dump_config(config: dict, path: Path) -> None:

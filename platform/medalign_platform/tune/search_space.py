@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..run.compose import ConfigError
+from ..run.compose import ConfigError, validate_choices
 
 SEARCH_SPACES_ENV = "MEDALIGN_SEARCH_SPACES"
 RESERVED_KEYS = ("points_to_evaluate", "description")
@@ -61,6 +61,15 @@ _RULE = re.compile(r"^\s*(?:(?P<pre>[0-9.eE+-]+)\s*\*\s*)?(?P<key>[A-Za-z_][\w.]
                    r"\s*(?:\*\s*(?P<post>[0-9.eE+-]+)\s*)?$")
 _YAML_BOOLEAN_HINT = ("YAML reads unquoted off/on/yes/no/true/false as booleans: quote the value, "
                       "e.g. values: [\"off\", full, low_rank]")
+
+
+# Keys of otherwise fixed sections that a sweep may still vary (they change the targets, not the model).
+SEARCHABLE_KEYS = ("teacher.attention",)
+# Keys that look like knobs but cannot change a result: searching them only wastes trials.
+NOT_SEARCHABLE = {
+    "distill.teacher_max_normalize": "display-only (it scales the TensorBoard attention panels); neither loss can "
+                                     "change with it, so it is not searchable -- drop the entry",
+}
 
 
 class SearchSpaceError(ConfigError):
@@ -334,10 +343,12 @@ class SearchSpace:
                 known = sorted(_flat_keys(base_config.get(section, {}), section)) if isinstance(
                     base_config.get(section), dict) else sorted(k for k in base_config if k != "run")
                 raise SearchSpaceError(f"{self.source}: entry {key}: unknown config key; known keys there: {known}")
-            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data"):
+            if key in NOT_SEARCHABLE:
+                raise SearchSpaceError(f"{self.source}: entry {key}: {NOT_SEARCHABLE[key]}")
+            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data") and key not in SEARCHABLE_KEYS:
                 raise SearchSpaceError(
                     f"{self.source}: entry {key}: section '{key.split('.')[0]}' cannot be searched; "
-                    f"search distill.*, lora.*, optim.* or trainer.* keys"
+                    f"search distill.*, lora.*, optim.*, trainer.* keys or {', '.join(SEARCHABLE_KEYS)}"
                 )
             if isinstance(get_flat(base_config, key), dict):
                 raise SearchSpaceError(f"{self.source}: entry {key} is a whole config section; name one of its keys")
@@ -394,6 +405,7 @@ class SearchSpace:
         config = self.apply_rules(with_values(base_config, values))
         try:
             settings_cls.from_config(config)
+            validate_choices(config)  # enumerated model.* / teacher.* values (teacher.attention)
         except (TypeError, ValueError) as error:
             hint = f"; {_YAML_BOOLEAN_HINT}" if any(isinstance(v, bool) for v in values.values()) else ""
             raise SearchSpaceError(f"{self.source}: {what} is rejected by the run config: {error}{hint}") from error

@@ -768,7 +768,18 @@ def prepare_sweep(overrides: Sequence[str]) -> tuple[SweepSettings, SearchSpace,
     validate_run_config(base_config)
     space.validate(base_config, depth=model_depth(str(base_config["model"]["path"])))
     settings = sweep_settings(parsed, base_config, space, config_overrides)
+    _refuse_trials_that_cannot_fit(base_config, settings)
     return settings, space, base_config
+
+
+def _refuse_trials_that_cannot_fit(base_config: dict, settings: SweepSettings) -> None:
+    """The preflight's trial-size check (run/preflight.py), before any Ray resource is requested."""
+    from ..run.preflight import check_trial_fits, local_gpus, parse_gpus
+
+    gpus = local_gpus() or parse_gpus(base_config["ray"].get("gpu_memory_gib"))
+    problems = check_trial_fits(base_config, settings.trial_resources, gpus)
+    if problems:
+        raise ConfigError("medalign sweep: " + " ".join(problems))
 
 
 def run_sweep(overrides: Sequence[str]) -> dict:
