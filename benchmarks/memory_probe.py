@@ -31,7 +31,7 @@ from real_configs import LLAVA_15_7B_HF, llava_med_converted_config  # noqa: E40
 
 from medalign_platform.core.objective import DistillSettings, MedAlignObjective  # noqa: E402
 from medalign_platform.core.student import LoraSettings, apply_lora, enable_gradient_checkpointing  # noqa: E402
-from medalign_platform.run.preflight import estimate_memory  # noqa: E402
+from medalign_platform.run.memory import estimate_memory  # noqa: E402
 
 GIB = 2**30
 SHAPES = {

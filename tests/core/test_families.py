@@ -94,3 +94,14 @@ def test_generation_prompt_of_every_family_runs_through_the_tap(family, items):
     answers = generate_answers(model, processor, items, max_new_tokens=3, batch_size=2,
                                on_batch=lambda meta, _: seen.append(tap.pop().attention.shape))
     assert len(answers) == 3 and seen[0][0] == 2 and seen[-1][0] == 1
+
+
+def test_auto_template_of_the_synthmed_student_is_the_legacy_llava_prompt(tiny_student_dir):
+    """The embedded default keeps its exact prompt: the tiny student's chat template renders
+    what format_prompt (LLaVA-1.5, no system prompt) always produced."""
+    from medalign_platform.data.collate import format_prompt
+
+    _, processor = load_student(tiny_student_dir)
+    for question in ("is there a lesion ?", "<image>\n  where   is the mass ?"):
+        assert render_prompt(question, processor) == format_prompt(question) == render_prompt(
+            question, processor, "llava_v1")

@@ -108,12 +108,12 @@ def test_run_trains_evaluates_checkpoints_and_resumes_exactly(cache_env, tmp_pat
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_a_clear_error(cache_env, tmp_path, monkeypatch):
-    from medalign_platform import evaluation
+    from medalign_platform.run import evaluation
 
     original = evaluation.TargetLookup.__call__
 
-    def poisoned(self, paths):
-        targets = original(self, paths)
+    def poisoned(self, paths, questions=None):
+        targets = original(self, paths, questions)
         targets.patch_tokens[:] = float("nan")
         return targets
 

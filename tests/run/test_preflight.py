@@ -58,9 +58,9 @@ def test_meta_device_7b_shapes_have_the_published_parameter_counts(llava15, llav
     med = estimate_memory(llava_med, lora=R64, batch_size=1, seq_len=TOKENS)
     # The converted model has 64 more embedding and lm_head rows (<image> + padding to a multiple of 64).
     assert med.params_total == LLAVA_MED_15_PARAMS + 2 * 64 * 4096
-    from medalign_platform.run.preflight import _meta_model
+    from medalign_platform.run.memory import build_meta_model
 
-    language = sum(p.numel() for n, p in _meta_model(llava_med).named_parameters()
+    language = sum(p.numel() for n, p in build_meta_model(llava_med).named_parameters()
                    if "language_model" in n or n.startswith("lm_head"))
     assert language == MISTRAL_7B_PARAMS + 2 * 64 * 4096
     qwen = student_config(_config_only(tmp_path, "interleave", LLAVA_INTERLEAVE_QWEN_05B_HF))
@@ -199,3 +199,18 @@ def test_teacher_layouts_read_without_weights(tmp_path):
     assert named["grid"] == (24, 24) and named["width"] == 1024 and 3.0e8 < named["params"] < 3.1e8
     with pytest.raises(ConfigError, match="local HF cache"):
         teacher_layout({"name": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224-not-cached"})
+
+
+def test_sweep_refuses_a_trial_size_that_cannot_fit_before_ray(tmp_path):
+    from types import SimpleNamespace
+
+    from medalign_platform.tune.sweep import _refuse_trials_that_cannot_fit
+
+    model = _config_only(tmp_path, "llava-1.5-7b-hf", LLAVA_15_7B_HF)
+    config = _run_config(tmp_path, model, "hf-clip:" + str(tiny_pubmedclip(tmp_path / "pubmedclip")))
+    config["ray"]["gpu_memory_gib"] = ["A100-40GB"]  # the driver sees no GPU: the cluster's cards are declared
+    with pytest.raises(ConfigError, match=r"medalign sweep: a trial needs ~67\.5 GiB.*sweep.trial_resources|"
+                                          r"medalign sweep: a trial needs ~67\.5 GiB.*trainer.batch_size"):
+        _refuse_trials_that_cannot_fit(config, SimpleNamespace(trial_resources={"CPU": 1, "GPU": 1}))
+    config["trainer"]["gradient_checkpointing"] = True
+    _refuse_trials_that_cannot_fit(config, SimpleNamespace(trial_resources={"CPU": 1, "GPU": 1}))  # ~19.5 GiB fits
