@@ -214,3 +214,24 @@ def test_sweep_refuses_a_trial_size_that_cannot_fit_before_ray(tmp_path):
         _refuse_trials_that_cannot_fit(config, SimpleNamespace(trial_resources={"CPU": 1, "GPU": 1}))
     config["trainer"]["gradient_checkpointing"] = True
     _refuse_trials_that_cannot_fit(config, SimpleNamespace(trial_resources={"CPU": 1, "GPU": 1}))  # ~19.5 GiB fits
+
+
+@pytest.mark.parametrize("experiment, template, grid, teacher", [
+    ("llava_med_unimed_7b", "mistral_instruct", [24, 24], "unimed-clip-vit-b16"),
+    ("llava15_biomedclip_7b", "vicuna_v1", [24, 24], "hf-hub:microsoft/BiomedCLIP"),
+    ("interleave_qwen_pubmedclip", "qwen_chatml", [27, 27], "hf-clip:flaviagiammarino/pubmed-clip"),
+])
+def test_real_model_presets_compose_with_their_formats(tmp_path, monkeypatch, experiment, template, grid, teacher):
+    from medalign_platform.run.compose import compose_config, validate_choices
+
+    root = tmp_path / "synthmed"
+    root.mkdir()
+    (root / "prepared.json").write_text(json.dumps({key: str(root / key) for key in ("data", "teacher", "student",
+                                                                                        "cache")}))
+    monkeypatch.setenv("MEDALIGN_CACHE", str(tmp_path))
+    monkeypatch.setenv("MEDALIGN_MODELS", str(tmp_path / "models"))
+    config = compose_config([f"experiment={experiment}"])
+    assert config["model"]["prompt_template"] == template and config["model"]["grid"] == grid
+    assert teacher in config["teacher"]["name"] and config["teacher"]["attention"] == "cls"
+    assert config["distill"]["token_weights"] == "none" and config["trainer"]["gradient_checkpointing"] is False
+    validate_choices(config)
