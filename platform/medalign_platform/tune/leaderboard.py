@@ -44,7 +44,7 @@ def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics
     """One row per trial, ranked by the first metric (trials without it last, in trial order).
 
     Args:
-        records: :func:`medalign_platform.tune.sweep.trial_records` output.
+        records: :func:`medalign_platform.tune.records.trial_records` output.
         param_keys: the search-space keys, in column order.
         metrics, modes: the sweep metrics and their min/max modes.
         numbers: Optuna trial number per Tune trial id.
