@@ -252,8 +252,9 @@ def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
     return fits
 
 
-def _state_api_available(wait_s: float = 60.0) -> bool:
-    """Whether the Ray state API answers (it needs the dashboard, which may still be starting)."""
+def _state_api_available(wait_s: float = 180.0) -> bool:
+    """Whether the Ray state API answers (it needs the dashboard, which may still be starting: on a
+    loaded 2-core machine that took over a minute)."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + wait_s

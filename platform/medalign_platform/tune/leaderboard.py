@@ -34,8 +34,8 @@ def is_breakdown(column: str) -> bool:
 
 
 def is_count(column: str) -> bool:
-    """``val/n_closed`` and the like: sample counts, not metrics."""
-    return column.startswith(EVAL_PREFIXES) and column.split("/", 1)[1].startswith("n_")
+    """``val/n_closed``, ``val/by_qtype/count/n_open`` and the like: sample counts, not metrics."""
+    return column.startswith(EVAL_PREFIXES) and column.rsplit("/", 1)[-1].startswith("n_")
 
 
 def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics: Sequence[str],
