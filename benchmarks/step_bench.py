@@ -60,13 +60,12 @@ from medalign_platform.core.student import (  # noqa: E402
     LoraSettings,
     apply_lora,
     base_model,
+    check_layer,
     decoder_layers,
-    find_visual_positions,
     image_token_id,
-    text_query_mask,
-    validate_layer,
     visual_grid,
 )
+from medalign_platform.core.tap import find_visual_positions, text_query_mask  # noqa: E402
 
 GIB = 2**30
 PROMPT_TOKENS = 5  # "<s> USER :" style prefix before the image span
@@ -490,7 +489,7 @@ def run(args: argparse.Namespace) -> dict:
     layer = args.layer if args.layer is not None else (20 if args.size == "7b" else shape.layers // 2)
 
     model = build_model(shape, device, dtype, seed=args.seed)
-    validate_layer(model, layer)
+    check_layer(layer, len(decoder_layers(model)))
     model = apply_lora(model, LoraSettings(rank=args.lora_rank, alpha=args.lora_alpha, dropout=0.05))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]

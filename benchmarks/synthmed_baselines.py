@@ -47,10 +47,11 @@ GROUNDING = ["test/grounding_layer", "test/grounding_answer", "test/pointing_ans
 
 
 def compose(overrides: list[str]) -> dict:
-    from medalign_platform.run.compose import compose_config, validate_run_config
+    from medalign_platform.run.compose import compose_config
+    from medalign_platform.run.settings import RunSettings
 
     config = compose_config([PRESET, "trainer.eval_every=0", "trainer.num_threads=1", *overrides])
-    validate_run_config(config)
+    RunSettings.from_config(config).check_paths()
     return config
 
 
@@ -58,13 +59,16 @@ def evaluate_base(config: dict) -> dict:
     """Test metrics of the base LVLM, no fine-tuning (grounding read at the preset's layer)."""
     import torch
 
-    from medalign_platform.core.student import DistillationTap, load_student
-    from medalign_platform.run.evaluation import evaluate_items, evaluation_items, load_split
+    from medalign_platform.core.student import load_student
+    from medalign_platform.core.tap import DistillationTap
+    from medalign_platform.data.splits import evaluation_items, load_split
+    from medalign_platform.run.evaluation import evaluate_items
+    from medalign_platform.run.settings import RunSettings
 
     torch.set_num_threads(1)
     model, processor = load_student(config["model"]["path"])
     tap = DistillationTap(model, config["distill"]["layer"], capture_attention=True)
-    items = evaluation_items(load_split(config["data"], "test"), config["trainer"]["test_size"])
+    items = evaluation_items(load_split(RunSettings.from_config(config).data, "test"), config["trainer"]["test_size"])
     metrics = evaluate_items(model, processor, tap, items, batch_size=config["trainer"]["eval_batch_size"],
                              max_new_tokens=config["trainer"]["max_new_tokens"], grounding_detail=True)
     return {f"test/{k}": v for k, v in metrics.items()}
@@ -88,12 +92,14 @@ def train_once(overrides: list[str], seed: int) -> dict:
 
 def fill_targets(overrides: list[str]) -> None:
     """Teacher targets of every variant's train split, computed once before the runs."""
-    from medalign_platform.run.evaluation import load_split, precompute_targets
+    from medalign_platform.data.splits import load_split
+    from medalign_platform.run.evaluation import precompute_targets
+    from medalign_platform.run.settings import RunSettings
 
     for variant in VARIANTS.values():
-        config = compose([*variant, *overrides])
-        if config["distill"]["lambda_align"] > 0 or config["distill"]["lambda_attn"] > 0:
-            precompute_targets(config["teacher"], load_split(config["data"], "train"))
+        settings = RunSettings.from_config(compose([*variant, *overrides]))
+        if settings.distill.lambda_align > 0 or settings.distill.lambda_attn > 0:
+            precompute_targets(settings.teacher, load_split(settings.data, "train"))
 
 
 def summary(values: list[float]) -> dict:

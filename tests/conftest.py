@@ -22,7 +22,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="session")
 def tiny_student_dir(tmp_path_factory):
-    from medalign_platform.tiny import tiny_student
+    from medalign_platform.synthmed.tiny_student import tiny_student
 
     return tiny_student(tmp_path_factory.mktemp("tiny_student"))
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from medalign_platform.cli import SUBCOMMANDS, main, parse_overrides
+from medalign_platform.cli import SUBCOMMANDS, main
+from medalign_platform.common.errors import ConfigError
+from medalign_platform.common.overrides import as_tree, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,22 +43,39 @@ def test_help_lists_every_subcommand(command):
         assert name in out
 
 
-def test_overrides_parse_hydra_style_with_yaml_types():
-    assert parse_overrides(["trial.max_steps=50", "experiment=synthmed_vqa", "distill.lambda_attn=0.06"]) == {
+def test_overrides_parse_hydra_style_with_typed_values():
+    assert as_tree(parse_overrides(["trial.max_steps=50", "experiment=synthmed_vqa", "distill.lambda_attn=0.06"])) == {
         "trial": {"max_steps": 50},
         "experiment": "synthmed_vqa",
         "distill": {"lambda_attn": 0.06},
     }
-    with pytest.raises(SystemExit, match="key=value"):
+    # One grammar for every subcommand: Hydra's (what the config composer reads too).
+    parsed = parse_overrides(["layers=[1,2]", "sweep.trial_resources={CPU: 1}", "distill.steer.mode=off", "n=null"])
+    assert [o.value for o in parsed] == [[1, 2], {"CPU": 1}, "off", None]
+    with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["trial.max_steps"])
+    assert main(["train", "trial.max_steps"]) == 2
 
 
 def test_every_subcommand_has_a_handler_and_path_commands_need_a_path():
-    from medalign_platform.cli import HANDLERS
-
-    assert set(SUBCOMMANDS) == set(HANDLERS) == {
-        "prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export"}
-    assert all(built for _, _, built in SUBCOMMANDS.values())
+    assert set(SUBCOMMANDS) == {"prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export",
+                                "convert", "check"}
+    assert all(callable(handler) for _, handler, _ in SUBCOMMANDS.values())
     for command in ("status", "dashboard"):
         with pytest.raises(SystemExit, match=f"usage: medalign {command} EXP_DIR"):
             main([command])
+
+
+def test_the_package_facade_exposes_the_main_api_lazily():
+    code = ("import sys, medalign_platform as m; assert 'torch' not in sys.modules; "
+            "from medalign_platform import DistillSettings, MedAlignObjective, load_student, run_sweep; "
+            "assert MedAlignObjective.__module__ == 'medalign_platform.core.objective'; print(sorted(dir(m))[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().startswith("[")
+
+
+def test_convert_usage_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit, match="usage: medalign convert llava-med SRC OUT"):
+        main(["convert", "llava-med", "only-one"])
+    assert main(["convert", "unimed-clip", "/nonexistent.pt", "/tmp/never-written"]) == 2
+    assert "/nonexistent.pt" in capsys.readouterr().err

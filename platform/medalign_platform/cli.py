@@ -1,9 +1,13 @@
 """The ``medalign`` command line: one console script, one subcommand per job.
 
-Every subcommand takes Hydra-style overrides (``medalign sweep experiment=synthmed_vqa
-trial.max_steps=50``). Configs are resolved here, on the driver; Ray workers only ever
-receive plain dicts. ``python -m medalign_platform ...`` is the same program, so
-``ray job submit -- python -m medalign_platform sweep ...`` works unchanged.
+Every subcommand takes Hydra-style ``key=value`` overrides, parsed once by
+:func:`medalign_platform.common.overrides.parse_overrides`
+(``medalign sweep experiment=synthmed_vqa trainer.max_steps=50``). Configs are resolved
+here, on the driver; Ray workers only ever receive plain dicts. ``python -m
+medalign_platform ...`` is the same program, so ``ray job submit -- python -m
+medalign_platform sweep ...`` works unchanged. Errors caused by input (any
+:class:`~medalign_platform.common.errors.MedAlignError`) print as one line naming the fix,
+with exit status 2.
 """
 
 from __future__ import annotations
@@ -11,62 +15,27 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import __version__
-
-# Subcommand -> (help, the issue that delivers it, built yet?).
-SUBCOMMANDS = {
-    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", 3, True),
-    "train": ("Run one MedAlign distillation on Ray Train.", 4, True),
-    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", 5, True),
-    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", 5, True),
-    "status": ("Leaderboard and best configuration of an experiment directory.", 5, True),
-    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", 5, True),
-    "export": ("Export a run's LoRA adapter and steer weights for peft.", 4, True),
-}
-
-
-def parse_overrides(overrides: Sequence[str]) -> dict:
-    """Turns ``["a.b=1", "c=x"]`` into ``{"a": {"b": 1}, "c": "x"}`` (YAML-typed values)."""
-    from omegaconf import OmegaConf
-
-    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
-    if bad:
-        raise SystemExit(f"medalign: overrides must look like key=value (got {bad}); e.g. trial.max_steps=50")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=True)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="medalign",
-        description="MedAlign research platform: distil an expert medical CLIP into a Med-LVLM, "
-        "and sweep it with Ray Tune + Optuna.",
-    )
-    parser.add_argument("--version", action="version", version=f"medalign-platform {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_text, _, _) in SUBCOMMANDS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        if name in ("status", "dashboard", "export"):
-            sub.add_argument("path", nargs="?", help="experiment or run directory")
-        if name == "export":
-            sub.add_argument("--out", required=False, help="directory to write the adapter to")
-        sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
-    return parser
+from .common.errors import MedAlignError
+from .common.overrides import as_tree, parse_overrides
 
 
 def _prepare(args) -> int:
+    from .common.errors import ConfigError
     from .synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
 
-    options = parse_overrides(args.overrides)
-    dataset = options.pop("data", None)
+    overrides = parse_overrides(args.overrides)
+    dataset = next((o.value for o in reversed(overrides) if o.key == "data"), None)
+    if dataset is None:
+        raise ConfigError("name the dataset: data=synthmed, or a release: data=vqa_rad|slake|pathvqa|iu_xray|"
+                          "mimic_cxr|llava_med data.source=PATH (docs/datasets.md)")
     if dataset != "synthmed":
-        raise SystemExit(f"medalign prepare: only data=synthmed can be prepared (got data={dataset!r})")
-    try:
-        settings = SynthMedPrepareSettings(**options)
-    except TypeError as error:
-        raise SystemExit(f"medalign prepare: {error}; valid keys: seed, n_train, n_val, n_test, task_train_images, "
-                         "cache_dir, progress, probes")
+        return _prepare_release(overrides)
+    options = as_tree(overrides)
+    options.pop("data", None)
+    settings = SynthMedPrepareSettings.from_dict(options)
     prepared = prepare_synthmed(settings)
     teacher, student = prepared.teacher_metrics, prepared.student_metrics
     nan = float("nan")
@@ -86,6 +55,21 @@ def _prepare(args) -> int:
     return 0
 
 
+def _prepare_release(overrides) -> int:
+    """``medalign prepare data=vqa_rad data.source=PATH [data.KEY=...] [rebuild=true]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import texts
+    from .data.prepare import prepare_command
+    from .run.compose import compose_prepare_section
+
+    rebuild = [o for o in overrides if o.key == "rebuild"]
+    if rebuild and not isinstance(rebuild[-1].value, bool):
+        raise ConfigError(f"rebuild must be true or false, got {rebuild[-1].value!r}")
+    section = compose_prepare_section(texts(o for o in overrides if o.key != "rebuild"))
+    prepare_command(section, rebuild=bool(rebuild) and rebuild[-1].value)
+    return 0
+
+
 def _train(args) -> int:
     from .run.driver import train_run
 
@@ -99,8 +83,8 @@ def _train(args) -> int:
 
 
 def _sweep(args) -> int:
+    from .tune.driver import run_sweep
     from .tune.results import status_report, write_results
-    from .tune.sweep import run_sweep
 
     summary = run_sweep(args.overrides)
     experiment_dir = summary["experiment_dir"]
@@ -119,23 +103,19 @@ def _ablate_layers(args) -> int:
 def _status(args) -> int:
     from .tune.results import status_command
 
-    if not args.path:
-        raise SystemExit("usage: medalign status EXP_DIR   (a folder written by medalign sweep or ablate-layers)")
     return status_command(args.path, args.overrides)
 
 
 def _dashboard(args) -> int:
     from .tune.dashboard import dashboard_command
 
-    if not args.path:
-        raise SystemExit("usage: medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]")
     return dashboard_command(args.path, args.overrides)
 
 
 def _export(args) -> int:
     from .run.export import export_run
 
-    if not args.path or not args.out:
+    if not args.out:
         raise SystemExit("usage: medalign export RUN_DIR --out DIR")
     out = export_run(args.path, args.out)
     print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
@@ -143,26 +123,86 @@ def _export(args) -> int:
     return 0
 
 
-HANDLERS = {"prepare": _prepare, "train": _train, "sweep": _sweep, "ablate-layers": _ablate_layers,
-            "status": _status, "dashboard": _dashboard, "export": _export}
+def _convert(args) -> int:
+    from .convert.command import convert_command
+
+    return convert_command(args)
+
+
+def _check(args) -> int:
+    """``medalign check experiment=... [check.gpus=[80,141]] [sweep.trial_resources.GPU=0.5] [key=value ...]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import split_overrides, texts
+    from .run.driver import resolve_run_settings
+    from .run.preflight import CheckOptions, PreflightReport, parse_gpus, run_preflight
+    from .tune.settings import SweepOptions
+
+    parsed = parse_overrides(args.overrides)
+    check, rest = split_overrides(parsed, lambda key: key.startswith("check."))
+    sweep, rest = split_overrides(rest, lambda key: key.startswith("sweep."))
+    options = CheckOptions.from_dict(as_tree(check, strip="check."))
+    trial_resources = SweepOptions.from_dict(as_tree(sweep, strip="sweep.")).trial_resources
+    try:
+        settings = resolve_run_settings(texts(rest), default_name="check")
+    except ConfigError as error:  # a config problem is one of the preflight's findings
+        print(PreflightReport(problems=[str(error)]).text())
+        return 2
+    report = run_preflight(settings, parse_gpus(options.gpus) if options.gpus is not None else None, trial_resources)
+    print(report.text())
+    return 0 if report.ok else 2
+
+
+# Subcommand -> (help, handler, usage line when its path argument is missing, or None).
+SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
+    "prepare": ("Build SynthMed (data, tiny expert teacher, tiny base student) or convert a public release "
+                "(data=vqa_rad|slake|pathvqa|iu_xray|mimic_cxr|llava_med data.source=PATH).", _prepare, None),
+    "train": ("Run one MedAlign distillation on Ray Train.", _train, None),
+    "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", _sweep, None),
+    "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", _ablate_layers, None),
+    "status": ("Leaderboard and best configuration of an experiment directory.", _status,
+               "medalign status EXP_DIR   (a folder written by medalign sweep or ablate-layers)"),
+    "dashboard": ("Start TensorBoard (and optuna-dashboard) for an experiment directory.", _dashboard,
+                  "medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]"),
+    "export": ("Export a run's LoRA adapter and steer weights for peft.", _export,
+               "medalign export RUN_DIR --out DIR"),
+    "convert": ("Convert a released checkpoint: llava-med SRC OUT [VISION_TOWER] | unimed-clip SRC.pt OUT.",
+                _convert, None),
+    "check": ("Preflight without weights: config, files, grids, dtype, GPU memory per trial.", _check, None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medalign",
+        description="MedAlign research platform: distil an expert medical CLIP into a Med-LVLM, "
+        "and sweep it with Ray Tune + Optuna.",
+    )
+    parser.add_argument("--version", action="version", version=f"medalign-platform {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, _, usage) in SUBCOMMANDS.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        if usage is not None:
+            sub.add_argument("path", nargs="?", help="experiment or run directory")
+        if name == "export":
+            sub.add_argument("--out", required=False, help="directory to write the adapter to")
+        if name == "convert":
+            from .convert.command import add_arguments
+
+            add_arguments(sub)
+            continue
+        sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    parse_overrides(args.overrides)  # reject malformed overrides before anything else
-    _, issue, built = SUBCOMMANDS[args.command]
-    if not built:
-        print(
-            f"medalign {args.command}: not built yet (tracked in issue #{issue}). "
-            "Available now: prepare, train, sweep, export and the MedAlign library.",
-            file=sys.stderr,
-        )
-        return 2
-    from .run.compose import ConfigError
-
+    help_text, handler, usage = SUBCOMMANDS[args.command]
+    if usage is not None and not args.path:
+        raise SystemExit(f"usage: {usage}")
     try:
-        return HANDLERS[args.command](args)
-    except (ConfigError, FileNotFoundError) as error:
+        parse_overrides(getattr(args, "overrides", []))  # reject malformed overrides before anything else
+        return handler(args)
+    except (MedAlignError, FileNotFoundError) as error:
         print(f"medalign {args.command}: {error}", file=sys.stderr)
         return 2
 

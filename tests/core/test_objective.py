@@ -17,10 +17,10 @@ from medalign_platform.core.student import (
     LoraSettings,
     SteerSettings,
     apply_lora,
-    find_visual_positions,
     image_token_id,
     load_student,
 )
+from medalign_platform.core.tap import find_visual_positions
 
 LAYER = 2
 

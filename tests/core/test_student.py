@@ -7,20 +7,18 @@ import torch
 from conftest import make_batch
 
 from medalign_platform.core.student import (
-    DistillationTap,
     LoraSettings,
     SteerSettings,
     apply_lora,
     attach_steer,
+    check_layer,
     decoder_layers,
-    find_visual_positions,
     image_token_id,
     load_student,
     lora_target_names,
-    text_query_mask,
-    validate_layer,
     visual_grid,
 )
+from medalign_platform.core.tap import DistillationTap, find_visual_positions, text_query_mask
 
 NUM_VISUAL = 64  # tiny student: 32 px / patch 4 -> 8 x 8
 
@@ -139,7 +137,7 @@ def test_sdpa_model_with_lora_gives_the_same_attention_as_eager(tiny_student_dir
 def test_layer_outside_the_model_names_the_valid_range(student, layer):
     model, _ = student
     with pytest.raises(ValueError, match=r"4 decoder layers.*1\.\.3"):
-        validate_layer(model, layer)
+        check_layer(layer, len(decoder_layers(model)))
     with pytest.raises(ValueError, match=r"1\.\.3"):
         DistillationTap(model, layer)
 

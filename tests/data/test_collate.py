@@ -14,7 +14,8 @@ from medalign_platform.data.collate import (
     format_prompt,
     generate_answers,
 )
-from medalign_platform.core.student import IGNORE_INDEX, find_visual_positions, image_token_id, load_student
+from medalign_platform.core.student import IGNORE_INDEX, image_token_id, load_student
+from medalign_platform.core.tap import find_visual_positions
 from medalign_platform.synthmed.generator import SYNTHMED_WORDS
 from medalign_platform.synthmed.tiny_student import tiny_student
 

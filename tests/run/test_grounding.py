@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import make_batch
 
-from medalign_platform.core.student import find_visual_positions, image_token_id, load_student
+from medalign_platform.core.student import image_token_id, load_student
+from medalign_platform.core.tap import find_visual_positions
 from medalign_platform.data.metrics import pointing_hit
 from medalign_platform.run.grounding import AnswerAttentionTap, answer_grounding
 

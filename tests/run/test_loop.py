@@ -7,7 +7,9 @@ import math
 
 import pytest
 import torch
-from medalign_platform.run.compose import ConfigError, compose_config, validate_run_config
+from medalign_platform.common.errors import ConfigError
+from medalign_platform.run.compose import compose_config
+from medalign_platform.run.settings import RunSettings
 from medalign_platform.synthmed.prepare import prepare_mini_synthmed
 from medalign_platform.run.loop import NonFiniteLossError, RunContext, run_training
 
@@ -36,7 +38,11 @@ def test_compose_resolves_the_prepared_synthmed_paths(cache_env):
     assert config["teacher"]["name"] == "local-dir:" + cache_env["teacher"]
     assert config["data"]["train"] == cache_env["data"] + "/train.json"
     assert config["trainer"]["max_steps"] == 6 and config["distill"]["layer"] == 2
-    validate_run_config(config)
+    RunSettings.from_config(config).check_paths()
+
+
+def check(config: dict) -> None:
+    RunSettings.from_config(config).check_paths()
 
 
 @pytest.mark.parametrize(
@@ -45,7 +51,7 @@ def test_compose_resolves_the_prepared_synthmed_paths(cache_env):
         ("distill.layer=4", r"distill.layer=4 is outside the model.*4 decoder layers.*1\.\.3"),
         ("distill.lambda_align=-1", "lambda_align must be >= 0"),
         ("lora.rank=0", "rank must be >= 1"),
-        ("+distill.lamda_attn=0.1", r"unknown key\(s\) \['lamda_attn'\]"),
+        ("+distill.lamda_attn=0.1", r"unknown key distill.lamda_attn; did you mean distill.lambda_attn\?"),
         ("trainer.max_steps=0", "max_steps must be >= 1"),
         ("data.train=/nowhere/train.json", "data.train='/nowhere/train.json' is not a file"),
     ],
@@ -53,7 +59,7 @@ def test_compose_resolves_the_prepared_synthmed_paths(cache_env):
 def test_bad_configs_fail_before_ray_with_the_key_named(cache_env, override, message):
     config = compose_config([*FAST, override])
     with pytest.raises(ConfigError, match=message):
-        validate_run_config(config)
+        check(config)
 
 
 def test_unknown_override_without_plus_is_a_config_error(cache_env):
@@ -108,12 +114,12 @@ def test_run_trains_evaluates_checkpoints_and_resumes_exactly(cache_env, tmp_pat
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_the_run_with_a_clear_error(cache_env, tmp_path, monkeypatch):
-    from medalign_platform import evaluation
+    from medalign_platform.run import evaluation
 
     original = evaluation.TargetLookup.__call__
 
-    def poisoned(self, paths):
-        targets = original(self, paths)
+    def poisoned(self, paths, questions=None):
+        targets = original(self, paths, questions)
         targets.patch_tokens[:] = float("nan")
         return targets
 

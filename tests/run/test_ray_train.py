@@ -75,7 +75,7 @@ def test_tensorboard_events_hold_scalars_images_text_and_hparams(finished_run):
 
 def test_export_reproduces_the_final_predictions(finished_run, tmp_path):
     from medalign_platform.data.collate import generate_answers
-    from medalign_platform.run.evaluation import evaluation_items, load_split
+    from medalign_platform.data.splits import evaluation_items, load_split
     from medalign_platform.cli import main
     from medalign_platform.run.export import load_exported
 

@@ -17,7 +17,7 @@ from medalign_platform.synthmed.base_lvlm import (
 from medalign_platform.data.collate import StudentCollator, generate_answers
 from medalign_platform.data.conversations import load_conversation_dataset
 from medalign_platform.data.metrics import closed_accuracy, normalize_answer
-from medalign_platform.core.student import decoder_layers, load_student, validate_layer, visual_grid
+from medalign_platform.core.student import check_layer, decoder_layers, load_student, visual_grid
 from medalign_platform.synthmed.generator import SYNTHMED_WORDS, ensure_synthmed
 
 # Half of SynthMed's default train split is plenty for the default 400 x 32 samples; the val
@@ -71,7 +71,7 @@ def test_pretrained_model_reloads_with_identical_logits(pretrained, synthmed_dir
     again, _ = load_student(pretrained)
     assert visual_grid(model) == (8, 8)
     depth = len(decoder_layers(model))
-    assert depth >= 4 and validate_layer(model, depth - 1) == depth - 1
+    assert depth >= 4 and check_layer(depth - 1, depth) == depth - 1
     batch, _ = StudentCollator(processor)(val_closed[:8])
     with torch.no_grad():
         a = model.eval()(**batch).logits

@@ -7,14 +7,16 @@ import pytest
 import torch
 
 from medalign_platform.core.losses import teacher_attention_map, teacher_similarity
-from medalign_platform.run.evaluation import TargetLookup, build_teacher, load_split, precompute_targets
+from medalign_platform.common.errors import ConfigError
+from medalign_platform.data.splits import load_split
+from medalign_platform.run.evaluation import TargetLookup, build_teacher, precompute_targets
+from medalign_platform.run.settings import DataSettings, TeacherSettings
 from medalign_platform.synthmed.generator import generate_synthmed
 from medalign_platform.synthmed.oracle_teacher import (
     MAX_LESIONS,
-    OracleRequest,
     OracleTeacher,
-    build_oracle_teacher,
     oracle_targets,
+    relevant_region,
 )
 
 FACTORY = "medalign_platform.synthmed.oracle_teacher:build_oracle_teacher"
@@ -40,7 +42,7 @@ def test_attention_is_the_relevant_lesions_area_share_per_cell():
     assert tokens.shape == (16, 1 + MAX_LESIONS)
     assert tokens[0].tolist() == [0, 1, 0, 0] and tokens[5].tolist() == [1, 0, 0, 0]
     assert tokens[15].tolist() == [0.5, 0, 0.5, 0] and np.allclose(tokens.sum(1), 1)
-    with pytest.raises(ValueError, match="teacher.grid"):
+    with pytest.raises(ValueError, match="does not split into a 3x3 grid"):
         oracle_targets(labels, None, (3, 3))
 
 
@@ -56,17 +58,23 @@ def test_similarity_target_is_a_lesion_background_block_structure():
     assert mapped[[0, 1]].tolist() == [1.0, 1.0] and mapped.sum() == pytest.approx(2.0)
 
 
-def test_factory_builds_the_oracle_and_names_bad_grids():
-    teacher = build_teacher({"factory": FACTORY, "grid": [8, 8], "name": "synthmed-oracle"})
-    assert isinstance(teacher, OracleTeacher) and teacher.grid == (8, 8) and teacher.per_question
-    assert build_oracle_teacher({"grid": 4}).grid == (4, 4)
-    assert teacher.identity != OracleTeacher((4, 4)).identity
-    with pytest.raises(ValueError, match="teacher.grid"):
-        build_oracle_teacher({"grid": [8, 0]})
-    with pytest.raises(ValueError, match="teacher.factory"):
-        build_teacher({"factory": "medalign_platform.nowhere:build"})
-    with pytest.raises(TypeError, match="OracleRequest"):
-        teacher.encode_images(["images/x.png"])
+def test_relevant_region_is_the_lesion_in_the_named_quadrant():
+    labels = _labels()     # lesion 1 in the left upper quadrant, lesion 2 in the right lower
+    assert np.array_equal(relevant_region(labels, "in the left upper quadrant, is the lesion small?"), labels == 1)
+    assert np.array_equal(relevant_region(labels, "in the right lower quadrant, what is the size of the lesion?"),
+                          labels == 2)
+    assert not relevant_region(labels, "in the right upper quadrant, is the lesion faint?").any()
+    assert np.array_equal(relevant_region(labels, "how many lesions are there?"), labels > 0)
+
+
+def test_factory_builds_the_oracle_and_names_a_bad_factory():
+    teacher = build_teacher(TeacherSettings(name="synthmed-oracle", factory=FACTORY, attention="prompt_aware"))
+    assert isinstance(teacher, OracleTeacher) and teacher.grid == (8, 8) and teacher.width == 1 + MAX_LESIONS
+    assert teacher.identity != OracleTeacher((4, 4)).identity and teacher.prompt_identity != teacher.identity
+    with pytest.raises(ConfigError, match="teacher.factory"):
+        build_teacher(TeacherSettings(name="x", factory="medalign_platform.nowhere:build"))
+    with pytest.raises(TypeError, match="label masks next to image files"):
+        teacher.encode_images([object()])
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +85,10 @@ def synthmed(tmp_path_factory):
 
 
 def test_targets_are_per_question_and_cached(synthmed, tmp_path):
-    config = {"factory": FACTORY, "grid": [8, 8], "name": "synthmed-oracle", "cache_dir": str(tmp_path / "cache")}
-    data = {"train": str(synthmed / "train.json"), "image_root": str(synthmed), "validate_images": False}
+    teacher = TeacherSettings(name="synthmed-oracle", factory=FACTORY, attention="prompt_aware",
+                              cache_dir=str(tmp_path / "cache"))
+    data = DataSettings.from_dict({"train": str(synthmed / "train.json"), "image_root": str(synthmed),
+                                   "validate_images": False})
     items = load_split(data, "train")
     # Two questions about different lesions of one image get different attention maps.
     by_image: dict[str, list[int]] = {}
@@ -86,24 +96,24 @@ def test_targets_are_per_question_and_cached(synthmed, tmp_path):
         by_image.setdefault(items.image_path(i), []).append(i)
     pair = next(ix for ix in by_image.values() if len({items[i]["mask_path"] for i in ix}) > 1)
     first, second = items[pair[0]], next(items[i] for i in pair if items[i]["mask_path"] != items[pair[0]]["mask_path"])
-    lookup = TargetLookup(config)
-    targets = lookup([first, second])
+    lookup = TargetLookup(teacher)
+    targets = lookup([first["image_path"], second["image_path"]], [first["question"], second["question"]])
     assert targets.grid == (8, 8) and targets.patch_tokens.shape == (2, 64, 1 + MAX_LESIONS)
     assert torch.equal(targets.patch_tokens[0], targets.patch_tokens[1])     # same image, same structure
-    assert not torch.allclose(targets.cls_attention[0], targets.cls_attention[1])
-    for row, item in zip(targets.cls_attention, (first, second)):
-        mask = torch.from_numpy(item["mask"]).float()
+    assert not torch.allclose(targets.attention[0], targets.attention[1])
+    for row, item in zip(targets.attention, (first, second)):
+        # The record's mask is the lesion its question names: the oracle found the same one.
+        mask = torch.from_numpy(np.asarray(item["mask"])).float()
         share = mask.reshape(8, 8, 8, 8).sum((1, 3)).flatten()
         torch.testing.assert_close(row, share / share.sum())
-    with pytest.raises(TypeError, match="depend on the question"):
-        lookup([first["image_path"]])
-    # The driver's precompute fills the cache per item; a worker's lookup then only reads.
-    stats = precompute_targets(config, items)
-    assert stats["images"] == len(items) and stats["corrupt"] == 0
-    again = TargetLookup(config)
-    reread = again([first, second])
-    assert again.cache.stats.hits == 2 and again.cache.stats.misses == 0
-    assert torch.equal(reread.cls_attention, targets.cls_attention)
+    # Per image (cls), the map covers every lesion of the image.
+    every = TargetLookup(TeacherSettings(name="synthmed-oracle", factory=FACTORY, cache_dir=str(tmp_path / "cache")))
+    assert every([first["image_path"]]).attention[0].gt(0).sum() > targets.attention[0].gt(0).sum()
+    # The driver's precompute fills the cache per (image, question); a worker's lookup then only reads.
+    stats = precompute_targets(teacher, items)
+    assert stats["corrupt"] == 0
+    again = TargetLookup(teacher)
+    reread = again([first["image_path"], second["image_path"]], [first["question"], second["question"]])
+    assert again.cache.stats.misses == 0 and again.cache.stats.hits >= 2
+    assert torch.equal(reread.attention, targets.attention)
     assert torch.equal(reread.patch_tokens, targets.patch_tokens)
-    request = OracleTeacher().request(first)
-    assert isinstance(request, OracleRequest) and request.question == first["question"]

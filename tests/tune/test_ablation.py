@@ -12,17 +12,19 @@ import numpy as np
 import pytest
 from medalign_platform.tune.ablation import (
     ablate_command,
-    aggregate,
-    describe,
-    markdown_table,
     parse_ablation_args,
     plan_ablation,
     run_ablation,
-    summarize_ablation,
     write_grid_file,
+)
+from medalign_platform.tune.ablation_report import (
+    aggregate,
+    describe,
+    markdown_table,
+    summarize_ablation,
     write_outputs,
 )
-from medalign_platform.run.compose import ConfigError
+from medalign_platform.common.errors import ConfigError
 from medalign_platform.tune.search_space import SearchSpaceError, load_search_space
 
 MAX_STEPS = 4
@@ -138,7 +140,7 @@ def test_arguments_split_into_grid_options_and_run_overrides():
                                    "sweep.verbose=0"])
     assert (request.layers, request.seeds, request.resume) == ([1, 3], [4, 5], True)
     assert request.options == {"metric": "val/grounding", "executor": "inline"}
-    assert request.sweep_overrides == ["sweep.verbose=0"]
+    assert request.sweep_options == {"verbose": 0}
     assert request.config_overrides == ["experiment=synthmed_vqa", "trainer.max_steps=4"]
     assert parse_ablation_args(["layers=2"]).layers == [2] and parse_ablation_args(["layers=[2]"]).seeds is None
 
@@ -148,11 +150,11 @@ def test_arguments_split_into_grid_options_and_run_overrides():
     (["layers=[1,2]", "seeds=[0,1.5]"], r"seeds must hold integers only.*\[1\.5\]"),
     (["layers=[1,2]", "seeds=[a,b]"], r"seeds must hold integers only.*\['a', 'b'\]"),
     (["layers=[1,1]"], r"repeats a value"),
-    (["layers=[1]", "ablation.metrc=x"], r"unknown setting ablation.metrc"),
+    (["layers=[1]", "ablation.metrc=x"], r"unknown key ablation.metrc"),
     (["layers=[1]", "distill.layer=2"], r"pass layers=\[...\] instead"),
     (["layers=[1]", "trainer.seed=2"], r"pass seeds=\[...\] instead"),
-    (["layers=[1]", "sweep.sampler=tpe"], r"fixes the sampler"),
-    (["layers=[1]", "sweep.name=x"], r"use ablation.name"),
+    (["layers=[1]", "sweep.sampler=tpe"], r"sets this itself \(grid sampler"),
+    (["layers=[1]", "sweep.name=x"], r"name, output_dir, metric, mode, max_concurrent and executor are ablation"),
     (["layers=[1]", "search=smoke"], r"drop search="),
 ])
 def test_bad_arguments_are_config_errors(overrides, match):
@@ -184,15 +186,16 @@ def test_plan_checks_metric_and_missing_layers(mini_cache, tmp_path):
     with pytest.raises(ConfigError, match=r"test metrics need trainer.test_size>0"):
         plan_ablation(parse_ablation_args([*TINY, "trainer.test_size=0", "layers=[1]",
                                            "ablation.metric=test/closed_accuracy"]))
-    with pytest.raises(ConfigError, match=r"sweep.executor='spark'"):  # the sweep's own check, nothing written
+    with pytest.raises(ConfigError, match=r"ablation.executor must be one of 'auto', 'train', 'inline'"):
         plan_ablation(parse_ablation_args([*TINY, "layers=[1]", "ablation.executor=spark",
                                            f"ablation.output_dir={tmp_path}"]))
     assert not any(tmp_path.iterdir())
     plan = plan_ablation(parse_ablation_args([*TINY, "layers=[1,3]", "ablation.metric=test/closed_accuracy",
                                               f"ablation.output_dir={tmp_path}", "ablation.name=x"]))
     assert plan.seeds == [0, 1, 2] and plan.experiment_dir == tmp_path.resolve() / "x"
-    assert {"sweep.sampler=grid", "sweep.num_samples=6", "sweep.asha.enabled=false",
-            "sweep.metric=val/closed_accuracy"} <= set(plan.sweep_overrides)  # Tune drives on the val twin
+    options = plan.sweep.options
+    assert (options.sampler, options.num_samples, options.asha.enabled) == ("grid", 6, False)
+    assert options.metric == "val/closed_accuracy"  # Tune drives on the val twin
 
 
 # --------------------------------------------------------------------------- a real ablation

@@ -200,7 +200,7 @@ def test_optuna_dashboard_install_hint_when_missing(sweep_dir):
     (lambda tmp: tmp / "missing", [], "no such directory"),
     (lambda tmp: tmp, [], "no TensorBoard data under"),
     (lambda tmp: (tmp / "file.txt").write_text("x") and tmp / "file.txt", [], "not a directory"),
-    (lambda tmp: tmp, ["prot=1"], "unknown setting(s) ['prot']"),
+    (lambda tmp: tmp, ["prot=1"], "unknown key prot; did you mean port?"),
     (lambda tmp: tmp, ["port=70000"], "port must be a port number 0..65535"),
     (lambda tmp: tmp, ["wait=maybe"], "wait must be true or false"),
 ])

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from medalign_platform.run.compose import ConfigError
+from medalign_platform.common.errors import ConfigError
 
 METRIC = "val/grounding"  # varies between trials of an untrained tiny model (closed accuracy ties at 0)
 MAX_STEPS = 4
@@ -26,7 +26,7 @@ def sweep(tmp_path_factory):
     """One real sweep (4 inline trials, ASHA at step 2 of 4) and ``write_results`` on it."""
     import ray
     from medalign_platform.tune.results import write_results
-    from medalign_platform.tune.sweep import run_sweep
+    from medalign_platform.tune.driver import run_sweep
     from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("results")
@@ -92,8 +92,9 @@ def test_csv_and_markdown_agree_with_the_trial_records(sweep):
         for key in keys:
             assert float(row[key]) == record["params"][key]
         for key, value in record["metrics"].items():
-            if key.startswith(("val/", "test/")):
+            if key.startswith(("val/", "test/")) and "/by_qtype/" not in key:  # breakdowns: trial results only
                 assert float(row[key]) == value, key  # full precision
+        assert not [column for column in row if "/by_qtype/" in column]
         assert int(row["step"]) == record["metrics"]["step"] and int(row["max_steps"]) == MAX_STEPS
         assert row["stopped_early"] == str(record["metrics"]["step"] < MAX_STEPS)
 
@@ -121,7 +122,7 @@ def test_best_experiment_file_composes_to_the_best_trial_config(sweep):
     assert f"# Run it:          medalign train experiment={path}" in text
 
     composed = compose_config([f"experiment={path}"])
-    assert composed["run"] == {"name": "board-best", "output_dir": "runs"}
+    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None}
     without_run = lambda config: {k: v for k, v in config.items() if k != "run"}
     assert without_run(composed) == without_run(best["config"])
     assert composed["distill"]["lambda_align"] == best["params"]["distill.lambda_align"]  # exact float
@@ -174,7 +175,7 @@ def test_importances_per_objective_follow_what_each_objective_depends_on(tmp_pat
     """Objective 1 (max) depends on the layer only, objective 2 (min) on lambda_align only."""
     import random
 
-    from medalign_platform.tune.results import param_importances
+    from medalign_platform.tune.study_report import param_importances
 
     rng = random.Random(0)
     trials = []
@@ -193,7 +194,7 @@ def test_importances_per_objective_follow_what_each_objective_depends_on(tmp_pat
 
 
 def test_importances_say_why_when_there_are_none(tmp_path):
-    from medalign_platform.tune.results import param_importances, plot_importances
+    from medalign_platform.tune.study_report import param_importances, plot_importances
 
     one = _study_with(tmp_path, ["maximize"], [({"distill/layer": 2, "distill/lambda_align": 1.0}, [0.5])])
     (entry,) = param_importances(one, ["val/grounding"], ["max"])["objectives"]
@@ -291,8 +292,9 @@ def test_status_explains_bad_paths_and_options(tmp_path, capsys):
     (tmp_path / "a" / "trial_x").mkdir()
     assert f"it is inside the sweep folder {tmp_path / 'a'}: pass that" in status(tmp_path / "a" / "trial_x")
     assert "has not saved Ray Tune's experiment state yet" in status(tmp_path / "a")
-    assert "unknown option 'rows=3'; valid: top=N" in status(tmp_path / "a", "rows=3")
-    assert "top='x' must be a whole number >= 1" in status(tmp_path / "a", "top=x")
+    assert "unknown key rows; valid options: ['top']" in status(tmp_path / "a", "rows=3")
+    assert "top must be an integer, got 'x'" in status(tmp_path / "a", "top=x")
+    assert "top must be >= 1, got 0" in status(tmp_path / "a", "top=0")
 
 
 @pytest.mark.slow

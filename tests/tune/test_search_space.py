@@ -46,6 +46,13 @@ def flatten(nested: dict, prefix: str = "") -> dict:
     return out
 
 
+def tune_domains(space) -> dict:
+    """Nested ``{"distill": {"layer": <Tune domain>}}`` of a space's entries."""
+    from medalign_platform.common.keys import unflatten
+
+    return unflatten({key: param.to_tune() for key, param in space.params.items()})
+
+
 def space_from(text: str, tmp_path, name: str = "space"):
     path = tmp_path / f"{name}.yaml"
     path.write_text(textwrap.dedent(text))
@@ -68,7 +75,7 @@ def test_default_space_has_the_documented_entries_and_the_scaled_original_recipe
     from ray.tune.search.sample import Categorical, Float, Integer
 
     space = load_search_space("medalign_default")
-    domains = space.tune_space()
+    domains = tune_domains(space)
     assert isinstance(domains["distill"]["lambda_align"], Float)
     assert isinstance(domains["distill"]["layer"], Integer)
     assert isinstance(domains["lora"]["rank"], Categorical)
@@ -93,7 +100,7 @@ def test_tune_domains_follow_the_entry_types(tmp_path):
         optim.lr: {type: grid, values: [1.0e-4, 2.0e-4]}
         lora.dropout: {type: fixed, value: 0.1}
     """, tmp_path)
-    domains = space.tune_space()
+    domains = tune_domains(space)
     align = domains["distill"]["lambda_align"]
     assert isinstance(align, Float) and (align.lower, align.upper) == (0.01, 2.0)
     assert "LogUniform" in type(align.get_sampler()).__name__
@@ -107,7 +114,7 @@ def test_tune_domains_follow_the_entry_types(tmp_path):
     assert domains["optim"]["lr"] == tune.grid_search([1.0e-4, 2.0e-4])
     assert domains["lora"]["dropout"] == 0.1
     # An Optuna searcher takes the grid entry as a categorical.
-    assert isinstance(space.tune_space(for_optuna=True)["optim"]["lr"], Categorical)
+    assert isinstance(space.params["optim.lr"].to_optuna_domain(), Categorical)
     assert space.has_grid
 
 
@@ -259,3 +266,24 @@ def test_search_space_record_round_trips_through_yaml(tmp_path):
     space = load_search_space("medalign_default")
     again = parse_search_space(yaml.safe_load(yaml.safe_dump(space.to_dict())), "again.yaml")
     assert again.params == space.params and again.rules == space.rules and again.points == space.points
+
+
+def test_teacher_attention_and_token_weights_are_searchable(tmp_path, base_config):
+    space, _ = space_from("""
+        teacher.attention: {type: choice, values: [cls, prompt_aware]}
+        distill.token_weights: {type: choice, values: [none, teacher_attention]}
+    """, tmp_path)
+    space.validate(base_config, depth=DEPTH)
+    assert set(space.sampled_keys) == {"teacher.attention", "distill.token_weights"}
+    bad, _ = space_from("teacher.attention: {type: choice, values: [cls, patches]}", tmp_path, "bad")
+    with pytest.raises(SearchSpaceError, match="teacher.attention"):
+        bad.validate(base_config, depth=DEPTH)
+    other, _ = space_from("teacher.name: {type: choice, values: [a, b]}", tmp_path, "other")
+    with pytest.raises(SearchSpaceError, match="cannot be searched"):
+        other.validate(base_config, depth=DEPTH)
+
+
+def test_teacher_max_normalize_is_refused_as_display_only(tmp_path, base_config):
+    space, _ = space_from("distill.teacher_max_normalize: {type: choice, values: [true, false]}", tmp_path)
+    with pytest.raises(SearchSpaceError, match="display-only"):
+        space.validate(base_config, depth=DEPTH)

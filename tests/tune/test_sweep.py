@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from medalign_platform.run.compose import ConfigError
+from medalign_platform.common.errors import ConfigError
 from medalign_platform.tune.search_space import SearchSpaceError, load_search_space
 
 
@@ -36,11 +36,14 @@ def stub_config(tmp_path_factory):
 
 
 def settings_for(overrides, config, space_name="smoke"):
-    from medalign_platform.tune.sweep import split_overrides, sweep_settings
+    """The resolved sweep plan, the space and the run-config overrides for ``overrides``."""
+    from medalign_platform.run.settings import RunSettings
+    from medalign_platform.tune.settings import parse_sweep_request, resolve_plan
 
-    parsed, rest = split_overrides(overrides)
-    space = load_search_space(parsed.get("search", space_name))
-    return sweep_settings({"search": space_name, **parsed}, config, space, rest), space, rest
+    request = parse_sweep_request(overrides)
+    request.search = request.search or space_name
+    space = load_search_space(request.search)
+    return resolve_plan(request, RunSettings.from_config(config), space), space, request.config_overrides
 
 
 # --------------------------------------------------------------------------- settings (fast)
@@ -82,14 +85,14 @@ def test_grid_spaces_pick_the_grid_sampler_and_its_size(stub_config):
 
 
 @pytest.mark.parametrize("overrides, error, match", [
-    (["sweep.nmu_samples=3"], ConfigError, r"unknown sweep setting sweep.nmu_samples"),
-    (["sweep.mode=maximum"], ConfigError, r"sweep.modes must be min or max"),
+    (["sweep.nmu_samples=3"], ConfigError, r"unknown key sweep.nmu_samples; did you mean sweep.num_samples"),
+    (["sweep.mode=maximum"], ConfigError, r"sweep.mode must be one of 'max', 'min'"),
     (["sweep.metric=train/loss"], ConfigError, r"not an evaluation metric"),
-    (["sweep.sampler=hyperopt"], ConfigError, r"valid: \['tpe', 'random', 'cmaes', 'nsga2', 'grid'\]"),
+    (["sweep.sampler=hyperopt"], ConfigError, r"one of 'tpe', 'random', 'cmaes', 'nsga2', 'grid'"),
     (["sweep.sampler=grid"], SearchSpaceError, r"no finite grid"),
     (["sweep.asha.grace_period=100"], ConfigError, r"grace_period=100 must be in 1..max_t \(40\)"),
     (["sweep.trial_resources={CPU:-1}"], ConfigError, r"trial_resources.CPU must be a number >= 0"),
-    (["sweep.asha=3"], ConfigError, r"sweep.asha is a section"),
+    (["sweep.asha=3"], ConfigError, r"sweep.asha must be a section"),
 ])
 def test_bad_sweep_settings_are_errors(overrides, error, match, stub_config):
     with pytest.raises(error, match=match):
@@ -102,8 +105,9 @@ def test_grid_entries_need_the_grid_sampler(stub_config):
 
 
 def test_trial_config_is_the_base_config_with_the_sampled_values_and_rules(stub_config, tmp_path):
-    from medalign_platform.tune.search_space import with_values
-    from medalign_platform.tune.sweep import META_KEY, trial_base_config, trial_run_config
+    from medalign_platform.common.keys import with_values
+    from medalign_platform.tune.layout import META_KEY
+    from medalign_platform.tune.trial import trial_base_config, trial_run_config
 
     settings, space, _ = settings_for([f"sweep.output_dir={tmp_path}"], stub_config)
     base = trial_base_config(stub_config, settings, space)
@@ -118,13 +122,13 @@ def test_trial_config_is_the_base_config_with_the_sampled_values_and_rules(stub_
 
 
 def test_grid_sampler_walks_the_whole_grid_through_the_tune_searcher(stub_config, tmp_path):
-    from medalign_platform.tune.sweep import _optuna_search_class, _sampler, _study_storage
+    from medalign_platform.tune.driver import optuna_search_class, sampler, study_storage
 
     settings, space, _ = settings_for(["search=layers_grid", f"sweep.output_dir={tmp_path}"], stub_config,
                                       "layers_grid")
     settings.experiment_dir.mkdir(parents=True)
-    searcher = _optuna_search_class()(metric="val/closed_accuracy", mode="max", sampler=_sampler(settings, space),
-                                      study_name=settings.name, storage=_study_storage(settings))
+    searcher = optuna_search_class()(metric="val/closed_accuracy", mode="max", sampler=sampler(settings, space),
+                                     study_name=settings.name, storage=study_storage(settings))
     searcher.set_search_properties("val/closed_accuracy", "max", space.param_space(stub_config))
     seen = set()
     for index in range(6):
@@ -145,7 +149,7 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", "trainer.max_steps=12", "tra
          "trainer.max_new_tokens=4", "sweep.num_samples=3", "sweep.max_concurrent=2", "sweep.seed=0",
          "sweep.asha.grace_period=12", "sweep.name=killed", "sweep.executor=train"]
 MAX_STEPS = 12
-DRIVER = "import json, sys; from medalign_platform.tune.sweep import run_sweep; run_sweep(json.loads(sys.argv[1]))"
+DRIVER = "import json, sys; from medalign_platform.tune.driver import run_sweep; run_sweep(json.loads(sys.argv[1]))"
 KILL_TIMEOUT_S = 240
 
 
@@ -166,7 +170,7 @@ def _checkpoint_step(trial: Path, executor: str = "train") -> int:
     checkpoint folder that is uploaded but not yet recorded is not resumed from). Inline
     trials: the newest complete Tune checkpoint in the trial folder."""
     if executor == "inline":
-        from medalign_platform.tune.sweep import newest_trial_checkpoint
+        from medalign_platform.tune.trial import newest_trial_checkpoint
 
         newest = newest_trial_checkpoint(trial)
         return newest[0] if newest else 0
@@ -217,7 +221,7 @@ def killed_and_resumed(request, tmp_path_factory):
 
 def _kill_and_resume(root: Path, executor: str):
     """The body of ``killed_and_resumed``, inside the mini-SynthMed environment."""
-    from medalign_platform.tune.sweep import run_sweep
+    from medalign_platform.tune.driver import run_sweep
 
     overrides = [*(o for o in SWEEP if not o.startswith("sweep.executor=")), f"sweep.executor={executor}",
                  f"sweep.output_dir={root / 'sweeps'}"]
@@ -341,7 +345,7 @@ def summary_records(experiment: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def inline_multi_objective(tmp_path_factory):
     """An in-process sweep with ``sweep.executor=inline`` over two objectives."""
-    from medalign_platform.tune.sweep import run_sweep
+    from medalign_platform.tune.driver import run_sweep
     from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("inline")
@@ -376,7 +380,7 @@ def test_inline_multi_objective_sweep_runs_without_asha_and_keeps_a_pareto_front
 @pytest.fixture(scope="module")
 def inline_trial_killed(tmp_path_factory):
     """A one-trial inline sweep whose trial process is SIGKILLed right after step 3."""
-    from medalign_platform.tune.sweep import run_sweep
+    from medalign_platform.tune.driver import run_sweep
     from synthmed_fixtures import mini_synthmed_env
 
     root = tmp_path_factory.mktemp("inline_kill")

@@ -57,3 +57,9 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
     os.replace(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data, *, indent: int = 1) -> Path:
+    """Writes ``data`` as JSON (sorted keys) so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=True))

@@ -42,6 +42,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..common.errors import MedAlignError
+
 __all__ = [
     "ConversationDataset",
     "ConversationItem",
@@ -58,7 +60,7 @@ _SYSTEM_ROLES = {"system"}
 _SKIP_HINT = " (or pass on_error='skip' to skip bad records)"
 
 
-class DatasetError(ValueError):
+class DatasetError(MedAlignError, ValueError):
     """A dataset file or record that cannot be used; the message says where and how to fix it."""
 
 

@@ -1,50 +1,77 @@
-"""Composing, resolving and validating run configs on the driver.
+"""Composing run configs with Hydra on the driver: presets, overrides, resolvers.
 
 Configs are Hydra-composed from ``experiments/`` (groups ``model``, ``teacher``, ``data``,
-``distill``, ``lora``, ``optim``, ``trainer`` plus ``experiment/`` presets), resolved to a
-plain dict here and handed to Ray workers as such. Validation happens before any Ray
-resource is requested: unknown keys, out-of-range values, a layer outside the model and
-missing files all raise :class:`ConfigError` naming the key and the fix.
+``distill``, ``lora``, ``optim``, ``trainer`` plus ``experiment/`` presets) on top of the
+settings classes' defaults (registered as the config ``medalign_defaults``, see
+:func:`medalign_platform.run.settings.defaults_tree`), and resolved to a plain dict. Typing
+and checking that dict is :class:`~medalign_platform.run.settings.RunSettings`' job.
+
+Config values may name prepared datasets through resolvers (``${synthmed:data}``). This
+module knows them only by the dotted path of the function answering them
+(:data:`RESOLVERS`), so the config layer imports no dataset code until a config uses one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import importlib
+import inspect
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from ..common.errors import ConfigError
+
 EXPERIMENTS_ENV = "MEDALIGN_EXPERIMENTS"
+DEFAULTS_NAME = "medalign_defaults"
 
-
-class ConfigError(ValueError):
-    """A config value is wrong; the message names the key and how to fix it."""
+#: ``${name:key}`` resolvers: name -> "module:function", called with ``key`` (and OmegaConf's
+#: ``_parent_`` / ``_root_`` nodes when the function takes them).
+RESOLVERS = {
+    "synthmed": "medalign_platform.synthmed.prepare:prepared_path",          # ${synthmed:data|teacher|student|cache}
+    "prepared": "medalign_platform.data.prepare:resolve_prepared",          # ${prepared:train|val|test|image_root|n_train}
+    "steps_for_epochs": "medalign_platform.data.prepare:steps_for_epochs",  # ${steps_for_epochs:9}
+    "medalign_cache": "medalign_platform.common.stage_cache:cache_path",    # ${medalign_cache:targets}
+}
 
 
 def experiments_dir() -> Path:
     """``$MEDALIGN_EXPERIMENTS``, else ``experiments/`` of the source checkout, else of the cwd."""
-    candidates = [os.environ.get(EXPERIMENTS_ENV), Path(__file__).resolve().parents[3] / "experiments", Path.cwd() / "experiments"]
+    candidates = [os.environ.get(EXPERIMENTS_ENV), Path(__file__).resolve().parents[3] / "experiments",
+                  Path.cwd() / "experiments"]
     for candidate in candidates:
         if candidate and (Path(candidate) / "config.yaml").is_file():
             return Path(candidate).resolve()
     raise ConfigError(f"no experiments/config.yaml found; set {EXPERIMENTS_ENV} to the experiments folder")
 
 
-def _synthmed_paths() -> dict:
-    from ..synthmed.prepare import prepared_synthmed_record
+def _resolver(target: str):
+    """A resolver that imports ``target`` on its first use and passes it what its signature asks for."""
+    module, function = target.split(":")
 
-    return prepared_synthmed_record()
+    def resolve(key, _parent_, _root_):
+        func = getattr(importlib.import_module(module), function)
+        wanted = inspect.signature(func).parameters
+        extra = {name: node for name, node in (("_parent_", _parent_), ("_root_", _root_)) if name in wanted}
+        value = func(key, **extra)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+    return resolve
 
 
-def register_resolvers() -> None:
-    """``${synthmed:data|teacher|student|cache}``: paths of the prepared embedded default."""
+def register() -> None:
+    """Registers the resolvers and the settings defaults with OmegaConf / Hydra (idempotent)."""
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("synthmed"):
-        OmegaConf.register_new_resolver("synthmed", lambda key: str(_synthmed_paths()[key]), use_cache=False)
+    from .settings import defaults_tree
+
+    for name, target in RESOLVERS.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, _resolver(target), use_cache=False)
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=OmegaConf.create(defaults_tree()))
 
 
 @contextlib.contextmanager
@@ -83,81 +110,48 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
 
     ``experiment=`` takes a preset name or the path of an experiment YAML file
     (:func:`experiment_file_overrides`), e.g. the ``best_experiment.yaml`` of a sweep.
+
+    Raises:
+        ConfigError: Hydra or OmegaConf rejected an override or a value (the first line of
+            their message), or a resolver's dataset is not prepared.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    register_resolvers()
+    register()
     try:
         with (experiment_file_overrides(overrides) as composed_overrides,
               initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3")):
             composed = compose(config_name=config_name, overrides=composed_overrides)
         return OmegaConf.to_container(composed, resolve=True)
     except (HydraException, OmegaConfBaseException) as error:
-        raise ConfigError(f"config composition failed: {error}") from error
+        cause = error.__cause__ if isinstance(error.__cause__, (FileNotFoundError, ConfigError)) else None
+        if cause is not None:
+            raise ConfigError(str(cause)) from error
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(f"config composition failed: {message}") from error
 
 
-def model_depth(model_path: str) -> int:
-    """Number of LLM decoder layers, read from the checkpoint's config (no weights loaded).
+def compose_prepare_section(overrides: Sequence[str]) -> dict:
+    """The preparation keys of the composed ``data`` section (``medalign prepare data=NAME data.source=...``).
 
-    A local checkpoint's ``config.json`` is read directly: every sweep trial validates its
-    sampled layer with this, and importing transformers just for it costs seconds per trial.
+    Composes ``experiments/`` with the overrides but resolves only the keys that decide what
+    is prepared (``name``, ``source``, ``language`` ...), so nothing else (models, other
+    datasets, the prepared files themselves) needs to exist yet.
     """
-    local = Path(model_path).expanduser() / "config.json"
-    if local.is_file():
-        data = json.loads(local.read_text())
-        text = data.get("text_config") or data
-        if isinstance(text.get("num_hidden_layers"), int):
-            return int(text["num_hidden_layers"])
-    from transformers import AutoConfig
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    config = AutoConfig.from_pretrained(model_path)
-    text = getattr(config, "text_config", config)
-    return int(text.num_hidden_layers)
+    from ..data.settings import PREPARE_KEYS
 
-
-def validate_run_config(config: dict) -> None:
-    """Checks a resolved run config before any Ray resources are spent.
-
-    Raises:
-        ConfigError: naming the offending key and the fix.
-    """
-    from .loop import RunSettings
-
+    register()
     try:
-        settings = RunSettings.from_config(config)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error)) from error
-    model_path = settings.model.get("path")
-    local = Path(str(model_path)).expanduser()
-    if not model_path or (str(model_path).startswith(("/", ".", "~")) and not (local / "config.json").is_file()):
-        raise ConfigError(f"model.path={model_path!r} has no config.json; point it at a save_pretrained directory")
-    depth = model_depth(str(model_path))
-    if not 1 <= settings.distill.layer <= depth - 1:
-        raise ConfigError(
-            f"distill.layer={settings.distill.layer} is outside the model: {model_path} has {depth} decoder layers, "
-            f"so the layer must be in 1..{depth - 1}"
-        )
-    bad_lora = [i for i in settings.lora.layers_to_transform or [] if not 0 <= i < depth]
-    if bad_lora:
-        raise ConfigError(f"lora.layers_to_transform has {bad_lora}, outside 0..{depth - 1}")
-    for split in ("train", "val", "test"):
-        path = settings.data.get(split)
-        if not path or not Path(path).is_file():
-            raise ConfigError(f"data.{split}={path!r} is not a file; run `medalign prepare data=synthmed` or fix the path")
-    teacher = settings.teacher
-    for key in ("name", "cache_dir"):
-        if not teacher.get(key):
-            raise ConfigError(f"teacher.{key} is not set")
-    name = str(teacher["name"])
-    if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
-        raise ConfigError(f"teacher.name={name!r}: no open_clip_config.json there; run `medalign prepare data=synthmed`")
-    if teacher.get("pretrained") and not Path(teacher["pretrained"]).is_file():
-        raise ConfigError(f"teacher.pretrained={teacher['pretrained']!r} is not a file")
-
-
-def dump_config(config: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2, sort_keys=True))
+        with initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        return {key: composed.data.get(key) for key in PREPARE_KEYS if key in composed.data}
+    except (HydraException, OmegaConfBaseException) as error:
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(f"config composition failed: {message}") from error

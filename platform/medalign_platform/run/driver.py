@@ -1,43 +1,59 @@
-"""``medalign train``: compose, validate and prepare on the driver, then fit on Ray Train."""
+"""``medalign train`` and the driver prologue every Ray entry point shares.
+
+Everything that can fail on bad input (config types, paths, the distillation layer) fails
+here, on the driver, before any Ray resource is requested: :func:`resolve_run_settings`.
+:func:`driver_prologue` then does what ``medalign train`` and ``medalign sweep`` both need
+before they launch: teacher targets computed once into the shared cache (every worker and
+trial only reads it), Ray started or joined, and the output path checked for the cluster.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from .compose import compose_config, dump_config, validate_run_config
+from ..common.atomic import write_json_atomic
+from .compose import compose_config
+from .settings import RunSettings
+
+CONFIG_FILE = "config.json"    # the run's complete resolved config, in its folder
+SUMMARY_FILE = "summary.json"  # what `medalign train` printed
 
 
-def resolve_run_config(overrides: Sequence[str]) -> dict:
-    """Composes the config, fills run defaults (name, log dir) and validates it."""
-    config = compose_config(overrides)
-    run = config["run"]
-    if not run.get("name"):
-        run["name"] = f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(run["output_dir"]).expanduser().resolve() / run["name"]
-    run["output_dir"] = str(Path(run["output_dir"]).expanduser().resolve())
-    run.setdefault("log_dir", str(run_dir / "tensorboard"))
-    validate_run_config(config)
-    return config
+def resolve_run_settings(overrides: Sequence[str] = (), config: dict | None = None,
+                         default_name: str | None = None) -> RunSettings:
+    """Composes (or takes) the config, types it, fills the run's name and folders, checks the paths.
+
+    Args:
+        overrides: Hydra-style overrides (``experiment=synthmed_vqa trainer.max_steps=50``).
+        config: an already composed config dict (then ``overrides`` are not used).
+        default_name: ``run.name`` when the config leaves it null (default ``run-<time>``).
+    """
+    settings = RunSettings.from_config(config if config is not None else compose_config(overrides))
+    run = settings.run
+    run.name = run.name or default_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    run.log_dir = run.log_dir or str(settings.run_dir / "tensorboard")  # absolute: workers run elsewhere
+    settings.check_paths()
+    return settings
 
 
-def ensure_ray(config: dict) -> None:
+def ensure_ray(settings: RunSettings) -> None:
     """Starts (or joins) Ray with worker env vars that keep the hub offline and imports working."""
-    import os
-
     import ray
 
     from .ray_train import train_control_env, worker_env
 
-    control = train_control_env(config["ray"])
+    control = train_control_env(settings.ray)
     for key, value in control.items():  # the driver's own TorchTrainer.fit reads them here
         os.environ.setdefault(key, value)
     if not ray.is_initialized():
         env_vars = {**worker_env(), **control}
         for key in _job_env_vars():  # a submitted job's own settings win, and Ray refuses to merge duplicates
             env_vars.pop(key, None)
-        ray.init(address=config["ray"].get("address"), runtime_env={"env_vars": env_vars},
+        ray.init(address=settings.ray.address, runtime_env={"env_vars": env_vars},
                  log_to_driver=True, configure_logging=False)
 
 
@@ -47,9 +63,6 @@ def _job_env_vars() -> dict:
     Ray merges the job's runtime env with the one passed to ``ray.init`` and fails
     ("Failed to merge the Job's runtime env") when both set the same variable.
     """
-    import json
-    import os
-
     from .storage import JOB_CONFIG_ENV
 
     try:
@@ -59,33 +72,43 @@ def _job_env_vars() -> dict:
     return dict((job.get("runtime_env") or {}).get("env_vars") or {})
 
 
-def train_run(overrides: Sequence[str], config: dict | None = None) -> dict:
-    """Runs one MedAlign training on Ray Train and returns its summary.
+def driver_prologue(settings: RunSettings, *, output_dir: str, setting: str) -> dict:
+    """Targets into the shared cache, Ray up, the output path checked; returns the cache counters.
 
-    Everything that can fail on bad input (config, paths, layer range) fails here, before
-    any Ray resource is requested; teacher targets are computed once into the shared cache.
+    Args:
+        settings: the checked run settings (a sweep's base config).
+        output_dir: where results go (``run.output_dir`` or ``sweep.output_dir``).
+        setting: that key's name, for the storage warnings.
     """
-    from .evaluation import load_split, precompute_targets
-    from .ray_train import build_trainer
+    from ..data.splits import SPLITS, load_split
+    from .evaluation import precompute_targets
     from .storage import warn_storage
 
-    config = config or resolve_run_config(overrides)
-    run_dir = Path(config["run"]["output_dir"]) / config["run"]["name"]
-    dump_config(config, run_dir / "config.json")
-    cache = {split: precompute_targets(config["teacher"], load_split(config["data"], split))
-             for split in ("train", "val", "test")}
-    ensure_ray(config)
+    cache = {split: precompute_targets(settings.teacher, load_split(settings.data, split)) for split in SPLITS}
+    ensure_ray(settings)
     # After ensure_ray: the node count decides whether a local output_dir is a problem.
-    warn_storage(config["run"]["output_dir"], config["ray"].get("address"), setting="run.output_dir")
-    result = build_trainer(config).fit()
+    warn_storage(output_dir, settings.ray.address, setting=setting)
+    return cache
+
+
+def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None) -> dict:
+    """Runs one MedAlign training on Ray Train and returns its summary."""
+    from .ray_train import build_trainer
+
+    settings = settings or resolve_run_settings(overrides)
+    settings.run.output_dir = str(settings.run_dir.parent)  # absolute, for Ray's storage path and the records
+    run_dir = settings.run_dir
+    write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
+    cache = driver_prologue(settings, output_dir=settings.run.output_dir, setting="run.output_dir")
+    result = build_trainer(settings).fit()
     if result.error is not None:
         raise result.error
     summary = {
         "run_dir": str(run_dir),
-        "tensorboard": config["run"]["log_dir"],
+        "tensorboard": settings.run.log_dir,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
         "target_cache": cache,
     }
-    dump_config(summary, run_dir / "summary.json")
+    write_json_atomic(run_dir / SUMMARY_FILE, summary)
     return summary

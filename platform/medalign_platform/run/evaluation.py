@@ -1,4 +1,4 @@
-"""Evaluation and teacher targets for a run: data splits, greedy answers, metrics, grounding.
+"""Evaluation and teacher targets for a run: greedy answers, metrics, grounding, the target cache.
 
 Evaluation generates greedy (or beam) answers for a fixed, deterministic subset of a split
 and scores them with :mod:`medalign_platform.data.metrics`. The grounding score comes for free:
@@ -8,112 +8,63 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from ..data.collate import generate_answers
-from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
+from ..data.prompts import clean_question
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
+from ..common.errors import ConfigError
+from ..data.splits import SplitItems, evaluation_items, load_split
+
+if TYPE_CHECKING:
+    from .settings import RunSettings, TeacherSettings
 
 
-class SplitItems:
-    """A lazy, indexable view of a split's items (dicts from ``ConversationDataset``)."""
+def build_teacher(teacher: TeacherSettings):
+    """The teacher a ``teacher`` section names.
 
-    def __init__(self, dataset, indices: list[int]):
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, index: int) -> dict:
-        return self.dataset[self.indices[index]]
-
-    def image_path(self, index: int) -> str:
-        return str(self.dataset.items[self.indices[index]].image_path)
-
-
-def load_split(data: dict, split: str) -> SplitItems:
-    """Items of one split, as described by the ``data`` config section.
-
-    ``data[split]`` is the path of a LLaVA conversation JSON file; ``data.image_root``
-    (optional) is where its relative image paths start; ``data.answer_types`` (optional)
-    keeps only those answer types (e.g. ``[closed, open]`` for VQA, ``[report]``).
+    ``teacher.factory`` (``"package.module:function"``) builds any other teacher from the
+    section, e.g. SynthMed's oracle (``medalign_platform.synthmed.oracle_teacher:build_oracle_teacher``);
+    without it, ``teacher.name`` / ``teacher.pretrained`` load an open_clip or transformers
+    expert with :func:`~medalign_platform.core.teacher.load_teacher`.
     """
-    from ..data.conversations import load_conversation_dataset
-
-    path = data.get(split)
-    if not path:
-        raise ValueError(f"data.{split} is not set; point it at a LLaVA conversation JSON file")
-    dataset = load_conversation_dataset(
-        path, data.get("image_root"), on_error=data.get("on_error", "raise"),
-        validate_images=data.get("validate_images", True),
-    )
-    types = data.get("answer_types")
-    indices = [i for i, item in enumerate(dataset.items) if not types or item.answer_type in types]
-    if not indices:
-        raise ValueError(f"data.{split} ({path}) has no items of answer_types {types}")
-    return SplitItems(dataset, indices)
-
-
-def evaluation_items(items: SplitItems, size: int) -> list[dict]:
-    """A deterministic subset of ``size`` items (all when 0), spread over the whole split."""
-    if size == 0 or size >= len(items):
-        return [items[i] for i in range(len(items))]
-    picks = np.linspace(0, len(items) - 1, size).round().astype(int)
-    return [items[int(i)] for i in picks]
-
-
-def build_teacher(teacher_config: dict):
-    """The teacher a config names.
-
-    ``teacher.factory`` (``"package.module:function"``, optional) builds any other teacher
-    from the config section, e.g. SynthMed's oracle
-    (``medalign_platform.synthmed.oracle_teacher:build_oracle_teacher``); without it,
-    ``teacher.name`` / ``teacher.pretrained`` load an open_clip expert with
-    :func:`~medalign_platform.core.teacher.load_teacher`.
-    """
-    factory = teacher_config.get("factory")
-    if factory:
+    if teacher.factory:
         import importlib
 
-        module_name, _, function = str(factory).partition(":")
+        module_name, _, function = str(teacher.factory).partition(":")
         try:
             build = getattr(importlib.import_module(module_name), function)
         except (ImportError, AttributeError) as error:
-            raise ValueError(f"teacher.factory={factory!r} cannot be imported ({error}); give 'package.module:function'") from None
-        return build(teacher_config)
+            raise ConfigError(f"teacher.factory={teacher.factory!r} cannot be imported ({error}); give "
+                              "'package.module:function'") from None
+        return build(teacher)
     from ..core.teacher import load_teacher
 
-    return load_teacher(teacher_config["name"], teacher_config.get("pretrained"))
-
-
-def _field(item, name: str):
-    """``item[name]`` for dataset dicts, ``item.name`` for ``ConversationItem``s."""
-    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+    return load_teacher(teacher.name, teacher.pretrained)
 
 
 class TargetLookup:
     """Maps training items to their cached teacher targets.
 
-    The teacher is built once per worker (:func:`build_teacher`; its identity is part of
-    the cache key); image content hashes are computed once per image; targets are read
-    from the shared :class:`~medalign_platform.core.target_cache.TargetCache`, filled
-    beforehand by :func:`precompute_targets` on the driver.
-
-    A teacher with ``per_question = True`` (its targets depend on the question, e.g. the
-    SynthMed oracle) is asked per item: ``teacher.request(fields)`` builds its input from
-    the item's ``image_path``, ``mask_path`` and ``question``, and
-    ``teacher.request_key(request, image_hash)`` keys the cache entry.
+    The teacher is loaded once per worker (its weights define the cache key); image
+    content hashes are computed once per image; targets are read from the shared
+    :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
+    :func:`precompute_targets` on the driver.
     """
 
-    def __init__(self, teacher_config: dict):
+    def __init__(self, teacher: TeacherSettings, model=None):
         from ..core.target_cache import TargetCache
 
-        self.teacher = build_teacher(teacher_config)
-        self.cache = TargetCache(teacher_config["cache_dir"])
-        self.per_question = bool(getattr(self.teacher, "per_question", False))
+        self.mode = teacher.attention
+        self.teacher = model if model is not None else build_teacher(teacher)
+        if self.mode == "prompt_aware" and not getattr(self.teacher, "has_text", True):
+            raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
+                              "teacher.attention=cls or convert it with its text encoder")
+        self.cache = TargetCache(teacher.cache_dir)
         self._hashes: dict[str, str] = {}
 
     def _hash(self, path) -> str:
@@ -124,40 +75,39 @@ class TargetLookup:
             self._hashes[key] = image_content_hash(path)
         return self._hashes[key]
 
-    def __call__(self, items: Sequence):
-        """Teacher targets (``TeacherOutputs`` on CPU) for these items, in order.
+    def __call__(self, image_paths: Sequence[str], questions: Sequence[str] | None = None):
+        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order.
 
-        ``items``: dataset items (dicts or ``ConversationItem``s), or image paths for a
-        teacher that is not ``per_question``.
+        ``questions`` (one per image) are used only with ``teacher.attention=prompt_aware``,
+        where they are required; the result then carries ``prompt_attention``.
         """
-        if not self.per_question:
-            paths = [str(x) if isinstance(x, (str, os.PathLike)) else str(_field(x, "image_path")) for x in items]
-            return self.cache.get_or_compute(self.teacher, paths, keys=[self._hash(p) for p in paths])
-        if any(isinstance(x, (str, os.PathLike)) for x in items):
-            raise TypeError("this teacher's targets depend on the question: pass dataset items, not image paths")
-        requests, keys = [], []
-        for item in items:
-            fields = {name: _field(item, name) for name in ("image_path", "mask_path", "question")}
-            request = self.teacher.request(fields)
-            requests.append(request)
-            keys.append(self.teacher.request_key(request, self._hash(fields["image_path"])))
-        return self.cache.get_or_compute(self.teacher, requests, keys=keys)
+        if self.mode == "prompt_aware":
+            if questions is None:
+                raise ValueError("teacher.attention=prompt_aware needs the question of every image")
+            questions = [clean_question(q) for q in questions]
+        else:
+            questions = None
+        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths],
+                                         questions=questions)
 
 
-def precompute_targets(teacher_config: dict, items: SplitItems, chunk: int = 2048) -> dict:
-    """Fills the shared target cache for a split; returns the cache counters.
+def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int = 2048) -> dict:
+    """Fills the shared target cache for a split's images; returns the cache counters.
 
     Runs on the driver before any worker starts, so every run and trial that uses the
-    same teacher and images only reads. Per image, or per item for a ``per_question``
-    teacher.
+    same teacher and images only reads.
     """
-    lookup = TargetLookup(teacher_config)
-    if lookup.per_question:
-        unique = [items.dataset.items[i] for i in items.indices]
+    lookup = TargetLookup(teacher)
+    if lookup.mode == "prompt_aware":  # one map per (image, question) pair
+        pairs = sorted({(items.image_path(i), items.question(i)) for i in range(len(items))})
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            lookup([p for p, _ in part], [q for _, q in part])
+        unique = sorted({p for p, _ in pairs})
     else:
         unique = sorted({items.image_path(i) for i in range(len(items))})
-    for start in range(0, len(unique), chunk):
-        lookup(unique[start : start + chunk])
+        for start in range(0, len(unique), chunk):
+            lookup(unique[start : start + chunk])
     stats = lookup.cache.stats
     return {"images": len(unique), "hits": stats.hits, "misses": stats.misses, "corrupt": stats.corrupt}
 
@@ -169,71 +119,84 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, on_predictions: Callable | None = None, grounding_detail: bool = False) -> dict:
-    """Answers ``items`` greedily and scores them.
+                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None,
+                   radgraph_model: str | None = None, prompt_template: str = "auto",
+                   grounding_detail: bool = False) -> dict:
+    """Answers ``items`` greedily (or with beams) and scores them.
 
     Args:
         model: the student (peft-wrapped or not).
         processor: its processor.
-        tap: the run's :class:`~medalign_platform.core.student.DistillationTap`; attention is
-            captured during evaluation even when the run trains with ``lambda_attn = 0``.
-        items: dataset items with ``answer`` and ``answer_type`` (and ``mask`` for grounding:
-            the region the question is about).
-        on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard).
+        tap: the run's :class:`~medalign_platform.core.tap.DistillationTap`, whose prefill
+            capture gives the grounding score (captured during evaluation even when the run
+            trains with ``lambda_attn = 0``); None scores answers only.
+        items: dataset items with ``answer`` and ``answer_type`` (and ``mask`` for grounding).
+        max_length: most prompt tokens (see :class:`~medalign_platform.data.collate.StudentCollator`).
+        on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard);
+            ``attentions`` is None without a tap.
+        radgraph_model: optional local RadGraph model folder for ``report_radgraph_f1``.
+        prompt_template: ``model.prompt_template`` (see :mod:`medalign_platform.data.prompts`).
         grounding_detail: add the answer position's grounding per layer and head
             (:func:`~medalign_platform.run.grounding.answer_grounding`).
 
     Returns:
-        ``closed_accuracy``, ``open_recall``, ``open_f1``, report BLEU-4/ROUGE-L where
-        present, counts, and over items whose mask is not empty: ``grounding_layer``
-        (block L's attention, heads and prompt tokens averaged; ``grounding`` is the same
-        number under its first name), ``grounding_answer``, ``pointing_answer`` and
-        ``grounding_answer_l{l}`` (the answer position's attention, see
-        :mod:`medalign_platform.run.grounding`).
+        ``closed_accuracy`` (and ``closed_accuracy_substring``, the original rule),
+        ``open_recall``, ``open_f1``, report BLEU-1..4/ROUGE-L where present, per question
+        type ``by_qtype/...`` breakdowns and counts (see
+        :func:`~medalign_platform.data.metrics.evaluation_metrics`); with a tap, over items
+        whose mask (the region the question is about) is not empty: ``grounding_layer``
+        (block L's attention, heads and prompt tokens averaged: what the attention loss
+        trains; ``grounding`` is the same number under its first name), and
+        ``grounding_answer``, ``pointing_answer``, ``grounding_answer_l{l}`` (the answer
+        position's attention, see :mod:`medalign_platform.run.grounding`).
     """
     from .grounding import AnswerAttentionTap, answer_grounding
 
-    capture, tap.capture_attention = tap.capture_attention, True
-    answer_tap = AnswerAttentionTap(model)
     attentions: list[torch.Tensor] = []
     answer_rows: list[torch.Tensor] = []
+    on_batch = answer_tap = None
+    if tap is not None:
+        capture, tap.capture_attention = tap.capture_attention, True
+        answer_tap = AnswerAttentionTap(model)
 
-    def on_batch(meta, _):
-        attentions.append(_prompt_attention(tap, len(meta)))
-        rows = answer_tap.pop()
-        answer_rows.append(rows[:: rows.shape[0] // len(meta)])  # beam search repeats each prompt
-
+        def on_batch(meta, _):
+            attentions.append(_prompt_attention(tap, len(meta)))
+            rows = answer_tap.pop()
+            answer_rows.append(rows[:: rows.shape[0] // len(meta)])  # beam search repeats each prompt
     try:
-        predictions = generate_answers(
-            model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens, num_beams=num_beams,
-            on_batch=on_batch,
-        )
+        predictions = generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch,
+                                       prompt_template=prompt_template)
     finally:
-        tap.capture_attention = capture
-        answer_tap.remove()
-    attention = torch.cat(attentions)  # [n, N]
-    grid = tap.grid
-    scores = []
-    for item, row in zip(items, attention):
-        mask = item.get("mask")
-        if mask is not None and mask.any():
-            scores.append(float(grounding_score(row, torch.as_tensor(mask), grid)))
+        if tap is not None:
+            tap.capture_attention = capture
+            answer_tap.remove()
     records = [
-        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"]}
+        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"],
+         "question_type": item.get("question_type")}
         for p, item in zip(predictions, items)
     ]
-    metrics = {k: v for k, v in vqa_metrics(records).items() if not (isinstance(v, float) and np.isnan(v))}
-    if scores:
-        metrics["grounding_layer"] = mean_grounding_score(torch.tensor(scores))
-        metrics["grounding"] = metrics["grounding_layer"]
-    metrics.update(answer_grounding(torch.cat(answer_rows), [item.get("mask") for item in items], grid,
-                                    detail=grounding_detail))
+    metrics = {k: v for k, v in evaluation_metrics(records, radgraph_model=radgraph_model).items()
+               if not (isinstance(v, float) and np.isnan(v))}
+    attention = torch.cat(attentions) if attentions else None  # [n, N]
+    if attention is not None:
+        scores = []
+        for item, row in zip(items, attention):
+            mask = item.get("mask")
+            if mask is not None and mask.any():
+                scores.append(float(grounding_score(row, torch.as_tensor(mask), tap.grid)))
+        if scores:
+            metrics["grounding_layer"] = mean_grounding_score(torch.tensor(scores))
+            metrics["grounding"] = metrics["grounding_layer"]
+        metrics.update(answer_grounding(torch.cat(answer_rows), [item.get("mask") for item in items], tap.grid,
+                                        detail=grounding_detail))
     if on_predictions is not None:
         on_predictions(items, predictions, attention)
     return metrics
 
 
-def evaluate_split(model, processor, objective, settings, split: str, on_predictions: Callable | None = None) -> dict:
+def evaluate_split(model, processor, objective, settings: RunSettings, split: str,
+                   on_predictions: Callable | None = None) -> dict:
     """Evaluates the run's model on ``split`` (``val`` subset during training, ``test`` at the end)."""
     trainer = settings.trainer
     size = trainer.val_size if split == "val" else trainer.test_size
@@ -241,4 +204,5 @@ def evaluate_split(model, processor, objective, settings, split: str, on_predict
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
+        radgraph_model=settings.data.radgraph_model, prompt_template=settings.model.prompt_template,
     )

@@ -13,18 +13,9 @@ import json
 import shutil
 from pathlib import Path
 
+from .checkpoint import TRAINER_STATE, latest_checkpoint
+
 EXPORT_FILE = "medalign.json"
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint with the highest step under a Ray Train run directory."""
-    run_dir = Path(run_dir)
-    found = []
-    for state in run_dir.glob("**/trainer_state.json"):
-        found.append((json.loads(state.read_text())["step"], state.parent))
-    if not found:
-        raise FileNotFoundError(f"no checkpoint (trainer_state.json) under {run_dir}; is it a `medalign train` run dir?")
-    return max(found, key=lambda pair: pair[0])[1]
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> Path:
@@ -41,7 +32,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     for name in ("steer.safetensors", "predictions.json"):
         if (checkpoint / name).is_file():
             shutil.copy2(checkpoint / name, out / name)
-    step = json.loads((checkpoint / "trainer_state.json").read_text())["step"]
+    step = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
     (out / EXPORT_FILE).write_text(json.dumps({
         "base_model": config["model"]["path"],
         "distill": config["distill"],
@@ -62,14 +53,15 @@ def load_exported(export_dir: str | Path, base_model: str | None = None):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from ..core.student import DistillationTap, SteerSettings, attach_steer, load_student
+    from ..core.student import SteerSettings, attach_steer, load_student
+    from ..core.tap import DistillationTap
 
     export_dir = Path(export_dir)
     info = json.loads((export_dir / EXPORT_FILE).read_text())
     base, processor = load_student(base_model or info["base_model"])
     model = PeftModel.from_pretrained(base, str(export_dir))
     tap = None
-    steer_settings = SteerSettings(**info["distill"].get("steer", {}))
+    steer_settings = SteerSettings.from_dict(info["distill"].get("steer", {}))
     if steer_settings.mode != "off":
         steer = attach_steer(model, steer_settings)
         steer.load_state_dict(load_file(export_dir / "steer.safetensors"))

@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.student import base_model, decoder_layers, find_visual_positions, image_token_id, visual_grid
+from ..core.student import base_model, decoder_layers, image_token_id, visual_grid
+from ..core.tap import find_visual_positions
 from ..data.metrics import grounding_score, mean_grounding_score, pointing_hit
 
 __all__ = ["AnswerAttentionTap", "answer_grounding"]

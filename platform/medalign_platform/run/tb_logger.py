@@ -9,23 +9,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..common.keys import flatten
+
 NUM_ATTENTION_IMAGES = 4  # fixed val images shown at every evaluation
 
 
-def flat_hparams(config: dict, prefix: str = "") -> dict:
-    """``{"distill/layer": 2, ...}`` from nested config sections; non-scalars become strings."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flat_hparams(value, f"{name}/"))
-        elif isinstance(value, (bool, int, float, str)):
-            flat[name] = value
-        elif value is None:
-            flat[name] = "none"
-        else:
-            flat[name] = str(value)
-    return flat
+def hparam_value(value):
+    """A TensorBoard HParams value: bools, numbers and strings stay, None is "none", others are text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return "none" if value is None else str(value)
+
+
+def flat_hparams(config: dict) -> dict:
+    """``{"distill/layer": 2, ...}`` from nested config sections (TensorBoard's ``/`` separator)."""
+    return flatten(config, sep="/", leaf=hparam_value)
 
 
 def _heatmap(values: np.ndarray) -> np.ndarray:

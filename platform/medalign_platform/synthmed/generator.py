@@ -54,6 +54,9 @@ number of worker processes, and PNGs are written with fixed PIL settings. The sa
 gives byte-identical files (on the same zlib/Pillow build); ``manifest.json`` records a
 sha256 of the whole tree for cache invalidation. Bump :data:`SYNTHMED_VERSION` whenever
 the generator's output changes.
+
+This module is longer than 600 lines because rendering, lesion placement and the
+writer share one version number (:data:`SYNTHMED_VERSION`); the text lives in ``questions.py``.
 """
 
 from __future__ import annotations

@@ -3,38 +3,38 @@
 A benchmark meant to reward grounding needs a teacher that is right by construction: if
 even this teacher cannot lift the student's test accuracy above LoRA-only fine-tuning,
 the benchmark cannot reward grounding at all. The oracle produces exactly what an expert
-CLIP produces (``core.teacher.TeacherOutputs``: native-grid patch tokens and an attention
-map), so the same objective, losses and target cache serve it:
+CLIP produces (``core.teacher.TeacherOutputs``: native-grid patch tokens and attention
+maps), so the same objective, losses and target cache serve it:
 
-* **attention** ``[h*w]``: each grid cell's share of the area of the region the question
-  is about (the record's ``mask``: in SynthMed's task, the one lesion the question
-  names), so it sums to 1 (uniform when the region is empty, e.g. a lesion-free image);
+* **attention**, per (image, question) (``teacher.attention=prompt_aware``, the platform's
+  question-conditioned targets, cached per image and question): each grid cell's share of
+  the area of the lesion the question names ("in the left upper quadrant, ..." -> the
+  lesion in that quadrant; every SynthMed lesion lies inside one quadrant). A question
+  that names no quadrant points at every lesion; a lesion-free region gives a uniform map.
+  With ``teacher.attention=cls`` the per-image map points at every lesion;
 * **patch tokens** ``[h*w, 1 + MAX_LESIONS]``: per cell, the fraction of its pixels that
   are background, lesion 1, lesion 2, lesion 3 (from the image's label mask). Their
   cosine similarities are MedAlign's similarity target: 1 within the background and
   within one lesion, 0 between a lesion and the background or between two lesions, in
   between on mixed cells (a lesion/background block structure).
 
-The attention depends on the question, so targets are per (image, question): the teacher
-is ``per_question`` and :class:`~medalign_platform.run.evaluation.TargetLookup` keys each
-cache entry by image content, relevance-mask content and question text
-(:meth:`OracleTeacher.request_key`). The image's label mask is found next to the image:
-``<root>/images/<id>.png`` -> ``<root>/masks/<id>.png`` (SynthMed's layout); without it
-the relevance mask alone gives the block structure.
+The label mask is found next to the image: ``<root>/images/<id>.png`` ->
+``<root>/masks/<id>.png`` (SynthMed's layout); the target cache hands the teacher that
+mask instead of decoding the image (:meth:`OracleTeacher.open_input`).
 
 Config (``experiments/teacher/synthmed_oracle.yaml``)::
 
-    factory: medalign_platform.synthmed.oracle_teacher:build_oracle_teacher
     name: synthmed-oracle
-    grid: [8, 8]
+    factory: medalign_platform.synthmed.oracle_teacher:build_oracle_teacher
+    attention: prompt_aware
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,22 +42,17 @@ import torch
 from PIL import Image
 
 from ..core.teacher import TeacherOutputs
+from .questions import QUADRANTS
 
-__all__ = ["MAX_LESIONS", "ORACLE_VERSION", "OracleRequest", "OracleTeacher", "build_oracle_teacher",
-           "oracle_targets"]
+__all__ = ["MAX_LESIONS", "ORACLE_GRID", "ORACLE_VERSION", "OracleTeacher", "build_oracle_teacher",
+           "oracle_targets", "relevant_region"]
 
 #: Bump when the target definition changes: it is part of the cache identity.
-ORACLE_VERSION = "synthmed-oracle/v1:relevant-area-share,label-fraction-tokens"
+ORACLE_VERSION = "synthmed-oracle/v2:named-lesion-area-share,label-fraction-tokens"
 MAX_LESIONS = 3
-
-
-@dataclass(frozen=True)
-class OracleRequest:
-    """What the oracle needs for one (image, question) pair."""
-
-    image_path: str
-    mask_path: str | None      # the region the question is about (None: nothing)
-    question: str
+#: The SynthMed student's visual grid (64 px images, 8 px patches).
+ORACLE_GRID = (8, 8)
+_NAMED_QUADRANT = re.compile(r"\b(" + "|".join(QUADRANTS) + r") quadrant\b")
 
 
 def _read_array(path: str | os.PathLike) -> np.ndarray:
@@ -70,9 +65,27 @@ def _cell_sums(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     h, w = grid
     rows, cols = values.shape
     if rows % h or cols % w:
-        raise ValueError(f"mask of {rows}x{cols} pixels does not split into a {h}x{w} grid; "
-                         "set teacher.grid to a divisor of the image size")
+        raise ValueError(f"mask of {rows}x{cols} pixels does not split into a {h}x{w} grid")
     return values.reshape(h, rows // h, w, cols // w).sum(axis=(1, 3)).reshape(-1)
+
+
+def relevant_region(labels: np.ndarray, question: str | None) -> np.ndarray:
+    """``[S, S]`` bool: the lesion pixels a question is about.
+
+    The quadrant the question names (viewer's left = columns ``< S/2``, upper = rows
+    ``< S/2``); every lesion when it names none (or ``question`` is None).
+    """
+    lesions = labels > 0
+    match = _NAMED_QUADRANT.search(question or "")
+    if match is None:
+        return lesions
+    rows, cols = labels.shape
+    quadrant = match.group(1)
+    region = np.zeros_like(lesions)
+    r = slice(0, rows // 2) if quadrant.endswith("upper") else slice(rows // 2, rows)
+    c = slice(0, cols // 2) if quadrant.startswith("left") else slice(cols // 2, cols)
+    region[r, c] = lesions[r, c]
+    return region
 
 
 def oracle_targets(labels: np.ndarray, relevant: np.ndarray | None, grid: tuple[int, int]
@@ -101,52 +114,25 @@ def oracle_targets(labels: np.ndarray, relevant: np.ndarray | None, grid: tuple[
     return tokens.astype(np.float32), attention.astype(np.float32)
 
 
-def _file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class OracleTeacher:
-    """A question-conditioned teacher computed from masks (no weights).
+    """A teacher computed from masks (no weights).
 
     Satisfies what :class:`~medalign_platform.core.target_cache.TargetCache` needs from a
-    teacher (``identity``, ``grid``, ``width``, ``encode_images``) plus the per-question
-    protocol :class:`~medalign_platform.run.evaluation.TargetLookup` uses
-    (``per_question``, ``request``, ``request_key``, ``open_input``).
+    teacher (``identity``, ``grid``, ``width``, ``encode_images``), the prompt-aware
+    protocol (``prompt_identity``, ``encode_prompt_aware``) and ``open_input`` (what the
+    cache hands it for an image file).
 
     Args:
         grid: ``(h, w)`` target grid; the image side must be a multiple of each.
     """
 
-    per_question = True
+    has_text = True
 
-    def __init__(self, grid: Sequence[int] = (8, 8)):
+    def __init__(self, grid: Sequence[int] = ORACLE_GRID):
         self.grid = (int(grid[0]), int(grid[1]))
         self.width = 1 + MAX_LESIONS
         self.identity = hashlib.sha256(f"{ORACLE_VERSION}|grid={self.grid}".encode()).hexdigest()
-        self._mask_hashes: dict[str, str] = {}
-
-    # The per-question protocol ---------------------------------------------------------
-
-    def request(self, item: Mapping) -> OracleRequest:
-        """The request for a dataset item (``image_path``, ``mask_path``, ``question``)."""
-        mask = item.get("mask_path")
-        return OracleRequest(str(item["image_path"]), str(mask) if mask else None, str(item["question"]))
-
-    def request_key(self, request: OracleRequest, image_hash: str) -> str:
-        """Cache key: image content, relevance-mask content and the question text."""
-        mask_hash = ""
-        if request.mask_path is not None:
-            if request.mask_path not in self._mask_hashes:
-                self._mask_hashes[request.mask_path] = _file_sha256(request.mask_path)
-            mask_hash = self._mask_hashes[request.mask_path]
-        return hashlib.sha256(f"{image_hash}|{mask_hash}|{request.question}".encode()).hexdigest()
-
-    @staticmethod
-    def open_input(request: OracleRequest) -> OracleRequest:
-        """The cache hands requests through unchanged (there is no image to decode)."""
-        return request
-
-    # Targets ---------------------------------------------------------------------------
+        self.prompt_identity = hashlib.sha256(f"{self.identity}|named-quadrant".encode()).hexdigest()
 
     @staticmethod
     def label_mask_path(image_path: str | os.PathLike) -> Path:
@@ -154,42 +140,40 @@ class OracleTeacher:
         image = Path(image_path)
         return image.parent.parent / "masks" / f"{image.stem}.png"
 
-    def encode_request(self, request: OracleRequest) -> tuple[torch.Tensor, torch.Tensor]:
-        relevant = _read_array(request.mask_path) > 0 if request.mask_path else None
-        label_path = self.label_mask_path(request.image_path)
+    @classmethod
+    def open_input(cls, image) -> np.ndarray:
+        """The image file's label mask ``[S, S]`` (all background when there is none)."""
+        if not isinstance(image, (str, os.PathLike)):
+            raise TypeError(f"the oracle teacher reads label masks next to image files; got {type(image).__name__}")
+        label_path = cls.label_mask_path(image)
         if label_path.is_file():
-            labels = _read_array(label_path)
-        elif relevant is not None:
-            labels = relevant.astype(np.uint8)
-        else:
-            with Image.open(request.image_path) as im:
-                labels = np.zeros((im.height, im.width), np.uint8)
-        tokens, attention = oracle_targets(labels, relevant, self.grid)
-        return torch.from_numpy(tokens), torch.from_numpy(attention)
+            return _read_array(label_path)
+        with Image.open(image) as im:
+            return np.zeros((im.height, im.width), np.uint8)
 
-    def encode_images(self, requests: Sequence[OracleRequest], batch_size: int | None = None) -> TeacherOutputs:
-        """Targets for a batch of requests (the name is the teacher protocol's).
+    def _labels(self, inputs) -> list[np.ndarray]:
+        if not len(inputs):
+            raise ValueError("the oracle teacher needs at least one image")
+        return [x if isinstance(x, np.ndarray) else self.open_input(x) for x in inputs]
+
+    def encode_images(self, images: Sequence, batch_size: int | None = None) -> TeacherOutputs:
+        """Targets per image (label masks or image paths): attention on every lesion.
 
         Returns:
             ``TeacherOutputs``: ``patch_tokens`` ``[B, h*w, 1 + MAX_LESIONS]``,
-            ``cls_attention`` ``[B, h*w]`` (the relevant-area shares), ``grid``.
+            ``cls_attention`` ``[B, h*w]``, ``grid``.
         """
-        if not requests:
-            raise ValueError("encode_images needs at least one request")
-        bad = [type(r).__name__ for r in requests if not isinstance(r, OracleRequest)]
-        if bad:
-            raise TypeError(f"the oracle teacher needs OracleRequest inputs (one per image and question), got {bad[0]}; "
-                            "read targets through TargetLookup with dataset items, not image paths")
-        pairs = [self.encode_request(r) for r in requests]
-        return TeacherOutputs(patch_tokens=torch.stack([p for p, _ in pairs]),
-                              cls_attention=torch.stack([a for _, a in pairs]), grid=self.grid)
+        pairs = [oracle_targets(labels, labels > 0, self.grid) for labels in self._labels(images)]
+        return TeacherOutputs(patch_tokens=torch.from_numpy(np.stack([p for p, _ in pairs])),
+                              cls_attention=torch.from_numpy(np.stack([a for _, a in pairs])), grid=self.grid)
+
+    def encode_prompt_aware(self, images: Sequence, questions: Sequence[str]) -> torch.Tensor:
+        """``[B, h*w]``: each cell's share of the area of the lesion each question names."""
+        maps = [oracle_targets(labels, relevant_region(labels, q), self.grid)[1]
+                for labels, q in zip(self._labels(images), questions, strict=True)]
+        return torch.from_numpy(np.stack(maps))
 
 
-def build_oracle_teacher(teacher_config: Mapping) -> OracleTeacher:
-    """``teacher.factory`` entry point: an :class:`OracleTeacher` on ``teacher.grid``."""
-    grid = teacher_config.get("grid") or (8, 8)
-    if isinstance(grid, int):
-        grid = (grid, grid)
-    if len(grid) != 2 or any(int(g) < 1 for g in grid):
-        raise ValueError(f"teacher.grid={grid!r}: give two positive ints, e.g. [8, 8] (the student's visual grid)")
-    return OracleTeacher(grid)
+def build_oracle_teacher(teacher) -> OracleTeacher:
+    """``teacher.factory`` entry point (the ``teacher`` section is not needed: no weights)."""
+    return OracleTeacher(ORACLE_GRID)

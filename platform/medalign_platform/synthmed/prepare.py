@@ -18,34 +18,34 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from ..common.atomic import write_text_atomic
+from ..common.settings import Settings, setting
 
-DEFAULT_CACHE_ENV = "MEDALIGN_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$MEDALIGN_CACHE`` if set, else ``~/.cache/medalign``."""
-    return Path(os.environ.get(DEFAULT_CACHE_ENV) or Path.home() / ".cache" / "medalign")
+# The stage cache moved to common/ so the real-data adapters share it; re-exported here.
+from ..common.stage_cache import DEFAULT_CACHE_ENV, cached_stage, default_cache_dir  # noqa: F401
+from ..common.stage_cache import fingerprint as _fingerprint  # noqa: F401
 
 
 @dataclass
-class SynthMedPrepareSettings:
-    """What ``medalign prepare data=synthmed`` builds."""
+class SynthMedPrepareSettings(Settings):
+    """What ``medalign prepare data=synthmed`` builds (its ``key=value`` options)."""
 
-    seed: int = 0
-    n_train: int = 5000
-    n_val: int = 500
-    n_test: int = 500
-    task_train_images: int = 1000
-    cache_dir: str | None = None
-    progress: bool = True
-    probes: bool = True
+    section: ClassVar[str] = ""
+
+    seed: int = setting(0, "Seeds the generator, the expert CLIP and the base LVLM.")
+    n_train: int = setting(5000, "Train images.", ge=1)
+    n_val: int = setting(500, "Val images.", ge=1)
+    n_test: int = setting(500, "Test images.", ge=1)
+    task_train_images: int = setting(1000, "Train images whose benchmark-task questions go into train.json (the "
+                                           "fine-tuning budget; the pre-training corpus uses every train image).", ge=1)
+    cache_dir: str | None = setting(None, "Cache folder (default: $MEDALIGN_CACHE, else ~/.cache/medalign).")
+    progress: bool = setting(True, "Show progress bars.")
+    probes: bool = setting(True, "Fit the linear probes on the student's visual tokens (this build's figures).")
 
 
 @dataclass
@@ -57,54 +57,6 @@ class PreparedSynthMed:
     student_dir: Path
     teacher_metrics: dict
     student_metrics: dict
-
-
-def _fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _stage_dir(root: Path, name: str, recipe: dict) -> Path:
-    return root / f"{name}-{_fingerprint(recipe)}"
-
-
-def _cached_info(target: Path, recipe: dict) -> dict | None:
-    record = target / "stage.json"
-    if record.is_file():
-        info = json.loads(record.read_text())
-        if info.get("recipe") == recipe:
-            return info
-    return None
-
-
-def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """Returns ``(dir, info)`` of a stage, building it only if no complete copy exists.
-
-    Args:
-        root: the cache directory of this dataset.
-        name: stage name (``data``, ``teacher``, ``student``).
-        recipe: everything the stage's output depends on (versions, params, inputs).
-        build: writes the stage into the given (temporary) directory and returns a JSON-able
-            summary (metrics, timings) stored in ``stage.json``.
-    """
-    target = _stage_dir(root, name, recipe)
-    info = _cached_info(target, recipe)
-    if info is not None:
-        return target, info
-    tmp = root / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started, cpu = time.perf_counter(), time.process_time()
-    try:
-        summary = build(tmp)
-        info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1),
-                "cpu_seconds": round(time.process_time() - cpu, 1)}
-        (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target, info
 
 
 # Bump when the expert CLIP recipe in expert_clip.py changes its output.
@@ -249,6 +201,12 @@ def prepared_synthmed_record(cache_dir: str | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"SynthMed is not prepared ({path} missing): run `medalign prepare data=synthmed` first")
     return json.loads(path.read_text())
+
+
+def prepared_path(key: str) -> str:
+    """``${synthmed:KEY}`` in configs: a path (``data``, ``teacher``, ``student``, ``cache``) of the
+    SynthMed that ``medalign prepare data=synthmed`` last built under ``$MEDALIGN_CACHE``."""
+    return str(prepared_synthmed_record()[key])
 
 
 def prepare_mini_synthmed(cache_dir: str | Path, *, n_train: int = 48, n_val: int = 12, n_test: int = 12) -> dict:

@@ -22,7 +22,6 @@ torch threads.
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..run.optimization import batch_stream, warmup_cosine_lr
 from .questions import CONTRASTS, SIZES
 
 __all__ = ["DEFAULT_VISION_TRAINING", "load_image_tensor", "patch_targets", "pretrain_vision_tower"]
@@ -207,16 +207,12 @@ def pretrain_vision_tower(model, processor, data_dir: str | Path, *, seed: int =
     warmup = max(1, steps // 20)
     tower.train()
     losses = []
-    order, position = torch.randperm(len(paths), generator=generator), 0
-    for step in tqdm(range(steps), desc="vision tower", disable=not progress):
-        if position + batch_size > len(order):
-            order, position = torch.randperm(len(paths), generator=generator), 0
-        index = order[position:position + batch_size]
-        position += batch_size
-        lr_now = lr * (step + 1) / warmup if step < warmup else \
-            0.5 * lr * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    # One generator for head init, batch order and flips, drawn in that order each step.
+    batches = batch_stream(len(paths), batch_size, steps, generator)
+    for step, index in enumerate(tqdm(batches, total=steps, desc="vision tower", disable=not progress)):
+        index = torch.tensor(index)
         for group in optimizer.param_groups:
-            group["lr"] = lr_now
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
         batch_pixels, batch_targets = _flip(pixels[index], {k: v[index] for k, v in targets.items()}, grid,
                                             torch.rand(2, len(index), generator=generator) < 0.5)
         tokens = _features(tower, batch_pixels, layer)  # [B, N, D]

@@ -37,10 +37,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-DEFAULTS = {"port": 6006, "optuna_port": 8080, "host": "127.0.0.1", "wait": True, "timeout": 90.0, "refresh": 0}
+from ..common.errors import ConfigError, MedAlignError
+from ..common.overrides import as_tree, parse_overrides
+from ..common.settings import Settings, setting
+from .layout import STUDY_FILE, SWEEP_SPEC_FILE
+
 EVENT_PREFIX = "events.out.tfevents."
-STUDY_FILE = "optuna.db"
 OPTUNA_HINT = "pip install optuna-dashboard   (or: pip install 'medalign-platform[dashboard]')"
 RAY_HINT = "ray start --head --dashboard-host 127.0.0.1   (then rerun this command)"
 PROBE_TIMEOUT_S = 45.0
@@ -66,7 +70,7 @@ print("MEDALIGN_RAY_PROBE " + json.dumps(info), flush=True)
 """
 
 
-class DashboardError(Exception):
+class DashboardError(MedAlignError):
     """A problem the user can fix (bad path, bad override); the command prints it and returns 2."""
 
 
@@ -85,33 +89,33 @@ class Server:
 # --------------------------------------------------------------------------- settings and paths
 
 
+@dataclass
+class DashboardSettings(Settings):
+    """The ``key=value`` options of ``medalign dashboard EXP_DIR``."""
+
+    section: ClassVar[str] = ""
+
+    port: int = setting(6006, "TensorBoard's port (0: any free port; taken ports move to a free one).")
+    optuna_port: int = setting(8080, "optuna-dashboard's port (0: any free port).")
+    host: str = setting("127.0.0.1", "Interface both servers bind.")
+    wait: bool = setting(True, "Stay in the foreground until Ctrl-C / SIGTERM; false prints the PIDs and returns.")
+    timeout: float = setting(90.0, "Seconds to wait for each server to answer.", gt=0)
+    refresh: float = setting(0, "Rebuild the sweep-level TensorBoard every N seconds while waiting (0: only at start).",
+                             ge=0)
+
+    def check(self) -> None:
+        for key in ("port", "optuna_port"):
+            if not 0 <= getattr(self, key) <= 65535:
+                self.fail(key, f"must be a port number 0..65535 (0: any free port), got {getattr(self, key)}")
+
+
 def parse_settings(overrides: list[str]) -> dict:
-    """Fills :data:`DEFAULTS` from ``key=value`` overrides.
+    """The dashboard options from ``key=value`` overrides, as a dict.
 
     Raises:
-        DashboardError: an unknown key, or a port outside 0..65535 (0: any free port).
+        ConfigError: an unknown key, or a bad value (a port outside 0..65535, ...).
     """
-    from ..cli import parse_overrides
-
-    given = parse_overrides(overrides)
-    unknown = sorted(set(given) - set(DEFAULTS))
-    if unknown:
-        raise DashboardError(f"unknown setting(s) {unknown}; valid: {sorted(DEFAULTS)}")
-    settings = {**DEFAULTS, **given}
-    for key in ("port", "optuna_port"):
-        value = settings[key]
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-            raise DashboardError(f"{key} must be a port number 0..65535 (0: any free port), got {value!r}")
-    if not isinstance(settings["wait"], bool):
-        raise DashboardError(f"wait must be true or false, got {settings['wait']!r}")
-    if isinstance(settings["timeout"], bool) or not isinstance(settings["timeout"], (int, float)) \
-            or settings["timeout"] <= 0:
-        raise DashboardError(f"timeout must be a positive number of seconds, got {settings['timeout']!r}")
-    if isinstance(settings["refresh"], bool) or not isinstance(settings["refresh"], (int, float)) \
-            or settings["refresh"] < 0:
-        raise DashboardError(f"refresh must be a number of seconds >= 0 (0: never), got {settings['refresh']!r}")
-    settings["host"] = str(settings["host"])
-    return settings
+    return DashboardSettings.from_dict(as_tree(parse_overrides(overrides))).to_dict()
 
 
 def has_events(folder: Path, max_depth: int = MAX_LOGDIR_DEPTH) -> bool:
@@ -490,10 +494,10 @@ def dashboard_command(path: str, overrides: list[str]) -> int:
         exp_dir = Path(path).expanduser().resolve()
         if not exp_dir.is_dir():
             raise DashboardError(f"{path}: no such directory" if not exp_dir.exists() else f"{path}: not a directory")
-        if (exp_dir / "sweep.json").is_file():
+        if (exp_dir / SWEEP_SPEC_FILE).is_file():
             _build_sweep_tensorboard(exp_dir)
         logdir = find_logdir(exp_dir)
-    except DashboardError as error:
+    except (DashboardError, ConfigError) as error:
         print(f"medalign dashboard: {error}", file=sys.stderr)
         return 2
     logs = Path(tempfile.mkdtemp(prefix="medalign-dashboard-"))
@@ -509,7 +513,7 @@ def dashboard_command(path: str, overrides: list[str]) -> int:
             print(f"wait=false: the servers keep running ({pids}; logs in {logs}); "
                   f"stop them with: kill {' '.join(str(s.process.pid) for s in servers)}", flush=True)
             return 0
-        sweep_level = (exp_dir / "sweep.json").is_file() and logdir == exp_dir / "tensorboard"
+        sweep_level = (exp_dir / SWEEP_SPEC_FILE).is_file() and logdir == exp_dir / "tensorboard"
         return wait_in_foreground(servers, (lambda: _build_sweep_tensorboard(exp_dir)) if sweep_level else None,
                                   float(settings["refresh"]))
     except DashboardError as error:

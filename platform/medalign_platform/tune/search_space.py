@@ -40,9 +40,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..run.compose import ConfigError
+from ..common.errors import ConfigError
+from ..common.keys import flatten, get_flat, has_flat, set_flat, with_values
+
+if TYPE_CHECKING:
+    from ..run.settings import RunSettings
 
 SEARCH_SPACES_ENV = "MEDALIGN_SEARCH_SPACES"
 RESERVED_KEYS = ("points_to_evaluate", "description")
@@ -63,46 +67,17 @@ _YAML_BOOLEAN_HINT = ("YAML reads unquoted off/on/yes/no/true/false as booleans:
                       "e.g. values: [\"off\", full, low_rank]")
 
 
+# Keys of otherwise fixed sections that a sweep may still vary (they change the targets, not the model).
+SEARCHABLE_KEYS = ("teacher.attention",)
+# Keys that look like knobs but cannot change a result: searching them only wastes trials.
+NOT_SEARCHABLE = {
+    "distill.teacher_max_normalize": "display-only (it scales the TensorBoard attention panels); neither loss can "
+                                     "change with it, so it is not searchable -- drop the entry",
+}
+
+
 class SearchSpaceError(ConfigError):
     """A search space file is wrong; the message names the file, the entry and the fix."""
-
-
-# --------------------------------------------------------------------------- flat keys
-
-
-def get_flat(config: dict, key: str) -> Any:
-    """``config["a"]["b"]`` for ``key="a.b"``; raises KeyError naming the missing part."""
-    node: Any = config
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise KeyError(key)
-        node = node[part]
-    return node
-
-
-def has_flat(config: dict, key: str) -> bool:
-    try:
-        get_flat(config, key)
-    except KeyError:
-        return False
-    return True
-
-
-def set_flat(config: dict, key: str, value: Any) -> None:
-    """Sets ``config["a"]["b"] = value`` for ``key="a.b"`` in place (parents must exist)."""
-    *parents, last = key.split(".")
-    node = config
-    for part in parents:
-        node = node[part]
-    node[last] = value
-
-
-def with_values(config: dict, values: dict) -> dict:
-    """A deep copy of ``config`` with flat ``{"a.b": value}`` entries set."""
-    out = copy.deepcopy(config)
-    for key, value in values.items():
-        set_flat(out, key, value)
-    return out
 
 
 # --------------------------------------------------------------------------- entries
@@ -201,6 +176,21 @@ class Rule:
             return int(result)
         return result
 
+    def to_dict(self) -> dict:
+        return {"key": self.key, "source": self.source, "factor": self.factor, "text": self.text}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Rule":
+        return cls(data["key"], data["source"], float(data["factor"]), data.get("text", ""))
+
+
+def apply_rules(config: dict, rules: Iterable[Rule]) -> dict:
+    """A deep copy of a trial config with the derived keys set from its sampled values."""
+    out = copy.deepcopy(config)
+    for rule in rules:
+        set_flat(out, rule.key, rule.value(get_flat(out, rule.source)))
+    return out
+
 
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, bool) or isinstance(b, bool):
@@ -259,17 +249,6 @@ class SearchSpace:
             f"grid, choice or int entries (or pick sweep.sampler=tpe|random)"
         )
 
-    def tune_space(self, *, for_optuna: bool = False) -> dict:
-        """Nested ``{"distill": {"layer": tune.randint(1, 4)}, ...}`` of the sampled/fixed entries."""
-        out: dict = {}
-        for key, param in self.params.items():
-            node = out
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = param.to_optuna_domain() if for_optuna else param.to_tune()
-        return out
-
     def param_space(self, base_config: dict, *, for_optuna: bool = True) -> dict:
         """The whole run config with the searched keys replaced by Tune domains.
 
@@ -297,15 +276,7 @@ class SearchSpace:
 
     def apply_rules(self, config: dict) -> dict:
         """Sets the derived keys of a (copied) trial config from its sampled values."""
-        out = copy.deepcopy(config)
-        for rule in self.rules.values():
-            set_flat(out, rule.key, rule.value(get_flat(out, rule.source)))
-        return out
-
-    def sampled_values(self, config: dict) -> dict:
-        """``{"distill.layer": 2, ...}``: the searched and derived keys of a trial config."""
-        keys = [*self.params, *self.rules]
-        return {key: get_flat(config, key) for key in keys if has_flat(config, key)}
+        return apply_rules(config, self.rules.values())
 
     def to_dict(self) -> dict:
         """A plain-data description of the space (what was searched), for records."""
@@ -316,28 +287,39 @@ class SearchSpace:
         return out
 
     # ------------------------------------------------------------------ validation
-    def validate(self, base_config: dict, depth: int | None = None) -> None:
-        """Checks every entry and seed point against the composed run config and the model.
+    def validate(self, base: "RunSettings | dict", depth: int | None = None) -> None:
+        """Checks every entry and seed point against the run config and the model.
+
+        Every candidate value is put into the base config and typed by the run's own
+        settings classes, so a search space can only hold values ``medalign train`` accepts;
+        the distillation layer goes through the same check as the run's
+        (:func:`~medalign_platform.core.student.check_layer`).
 
         Args:
-            base_config: the composed, validated run config the trials start from.
+            base: the checked base run settings (or their plain config) the trials start from.
             depth: the model's decoder depth (read from ``model.path`` when None).
 
         Raises:
             SearchSpaceError: naming the file, the entry and the fix.
         """
-        from ..run.loop import RunSettings
+        from ..core.student import check_layer, model_depth
+        from ..run.settings import RunSettings
 
+        settings = base if isinstance(base, RunSettings) else RunSettings.from_config(base)
+        base_config = settings.to_dict()
         for key in [*self.params, *self.rules]:
             if not has_flat(base_config, key):
                 section = key.split(".")[0]
-                known = sorted(_flat_keys(base_config.get(section, {}), section)) if isinstance(
-                    base_config.get(section), dict) else sorted(k for k in base_config if k != "run")
+                known = (sorted(flatten({section: base_config[section]})) if isinstance(base_config.get(section), dict)
+                         else sorted(k for k in base_config if k != "run"))
                 raise SearchSpaceError(f"{self.source}: entry {key}: unknown config key; known keys there: {known}")
-            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data"):
+            if key in NOT_SEARCHABLE:
+                raise SearchSpaceError(f"{self.source}: entry {key}: {NOT_SEARCHABLE[key]}")
+            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data", "tensorboard") \
+                    and key not in SEARCHABLE_KEYS:
                 raise SearchSpaceError(
                     f"{self.source}: entry {key}: section '{key.split('.')[0]}' cannot be searched; "
-                    f"search distill.*, lora.*, optim.* or trainer.* keys"
+                    f"search distill.*, lora.*, optim.*, trainer.* keys or {', '.join(SEARCHABLE_KEYS)}"
                 )
             if isinstance(get_flat(base_config, key), dict):
                 raise SearchSpaceError(f"{self.source}: entry {key} is a whole config section; name one of its keys")
@@ -355,16 +337,15 @@ class SearchSpace:
             base_value = get_flat(base_config, key)
             _check_type(self.source, param, base_value)
             if key == "distill.layer":
-                depth = depth if depth is not None else _depth(base_config)
-                bad = [v for v in param.candidates() if not 1 <= v <= depth - 1]
-                if bad:
-                    raise SearchSpaceError(
-                        f"{self.source}: entry distill.layer {param.describe()} is outside the model: "
-                        f"{base_config['model'].get('path')} has {depth} decoder layers, so distill.layer must be "
-                        f"in 1..{depth - 1}"
-                    )
+                depth = depth if depth is not None else model_depth(str(settings.model.path))
+                for value in param.candidates():
+                    try:
+                        check_layer(value, depth, str(settings.model.path))
+                    except ConfigError as error:
+                        raise SearchSpaceError(f"{self.source}: entry distill.layer {param.describe()}: {error}") \
+                            from None
             for value in param.candidates():
-                self._check_config(RunSettings, base_config, {key: value}, f"entry {key} value {value!r}")
+                self._check_config(base_config, {key: value}, f"entry {key} value {value!r}")
 
         for index, point in enumerate(self.points):
             for key, value in point.items():
@@ -388,13 +369,15 @@ class SearchSpace:
                         f"{param.describe()}" + ("" if given else f"; add {key} to the point")
                     )
             values = {key: point[key] for key in point}
-            self._check_config(RunSettings, base_config, values, f"points_to_evaluate[{index}]")
+            self._check_config(base_config, values, f"points_to_evaluate[{index}]")
 
-    def _check_config(self, settings_cls, base_config: dict, values: dict, what: str) -> None:
+    def _check_config(self, base_config: dict, values: dict, what: str) -> None:
+        from ..run.settings import RunSettings
+
         config = self.apply_rules(with_values(base_config, values))
         try:
-            settings_cls.from_config(config)
-        except (TypeError, ValueError) as error:
+            RunSettings.from_config(config)
+        except ConfigError as error:
             hint = f"; {_YAML_BOOLEAN_HINT}" if any(isinstance(v, bool) for v in values.values()) else ""
             raise SearchSpaceError(f"{self.source}: {what} is rejected by the run config: {error}{hint}") from error
 
@@ -410,21 +393,6 @@ def _param_dict(param: Param) -> dict:
     if param.log:
         out["log"] = True
     return out
-
-
-def _flat_keys(node: dict, prefix: str) -> Iterable[str]:
-    for key, value in node.items():
-        name = f"{prefix}.{key}"
-        if isinstance(value, dict):
-            yield from _flat_keys(value, name)
-        else:
-            yield name
-
-
-def _depth(base_config: dict) -> int:
-    from ..run.compose import model_depth
-
-    return model_depth(str(base_config["model"]["path"]))
 
 
 def _check_type(source: str, param: Param, base_value: Any) -> None:

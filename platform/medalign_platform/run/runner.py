@@ -1,0 +1,80 @@
+"""One in-process runner: what every process that trains a run sets up around the loop.
+
+A Ray Train worker (:mod:`medalign_platform.run.ray_train`) and an inline sweep trial
+(:mod:`medalign_platform.tune.trial`) both call :func:`run_in_process`. It gives the loop
+a scratch folder for checkpoints, the rank-0 TensorBoard logger, the test fault hook, and
+a ``report`` that deletes each reported checkpoint folder once the caller's own report
+(Ray Train's or Tune's, which persist it) has returned.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+
+from .loop import RunContext, run_training
+from .settings import RunSettings
+
+KILL_ENV = "MEDALIGN_TEST_KILL"
+
+
+def kill_hook(rank: int) -> Callable[[int], None] | None:
+    """Fault injection for tests: ``MEDALIGN_TEST_KILL=RANK:STEP:MARKER`` SIGKILLs that rank's
+    own process once, right after STEP, and leaves MARKER so it happens only once."""
+    spec = os.environ.get(KILL_ENV)
+    if not spec:
+        return None
+    kill_rank, kill_step, marker = spec.split(":", 2)
+    if int(kill_rank) != rank:
+        return None
+
+    def after_step(step: int) -> None:
+        if step == int(kill_step) and not os.path.exists(marker):
+            Path(marker).write_text(str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return after_step
+
+
+def run_in_process(config: Mapping | RunSettings, report: Callable[[dict, Path | None], None], *,
+                   device: torch.device, rank: int = 0, world_size: int = 1,
+                   resume: Callable[[Path], Path | None] | None = None) -> dict:
+    """Runs (or resumes) one run's training loop in this process and returns its final metrics.
+
+    Args:
+        config: the run config (plain dict) or its settings.
+        report: ``(metrics, checkpoint_dir | None)`` at each report point; it must persist
+            the checkpoint folder before returning (the folder is deleted afterwards).
+        device: this rank's device.
+        rank / world_size: data-parallel position.
+        resume: optional ``scratch_dir -> checkpoint folder or None``: where to resume from
+            (it may copy a checkpoint into the scratch folder it is given).
+    """
+    settings = config if isinstance(config, RunSettings) else RunSettings.from_config(config)
+    scratch = Path(tempfile.mkdtemp(prefix=f"medalign-rank{rank}-"))
+
+    def report_then_delete(metrics: dict, checkpoint_dir: Path | None) -> None:
+        report(metrics, checkpoint_dir)
+        if checkpoint_dir is not None:  # persisted by the caller's report
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+
+    logger = None
+    try:
+        resume_from = resume(scratch) if resume is not None else None
+        if rank == 0 and settings.tensorboard.enabled:
+            from .tb_logger import RunLogger
+
+            logger = RunLogger(Path(settings.run.log_dir), settings.to_dict())
+        return run_training(settings, RunContext(
+            report=report_then_delete, resume_from=resume_from, rank=rank, world_size=world_size, device=device,
+            scratch_dir=scratch, logger=logger, after_step=kill_hook(rank)))
+    finally:
+        if logger is not None:
+            logger.close()
+        shutil.rmtree(scratch, ignore_errors=True)

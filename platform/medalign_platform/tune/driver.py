@@ -1,0 +1,328 @@
+"""``medalign sweep``: Ray Tune + Optuna over a search space, driven from one process.
+
+``run_sweep(["experiment=synthmed_vqa", "search=medalign_default", "sweep.num_samples=8"])``
+(or a :class:`~medalign_platform.tune.settings.SweepRequest`):
+
+* :func:`prepare_sweep` checks everything on the driver, once, before Ray starts: the run
+  config (composed and typed like ``medalign train``), the search space against that config
+  and the model, and the sweep options resolved into a plan.
+* Search: Optuna (``OptunaSearch``) with TPE (default), random, CMA-ES, NSGA-II or a grid
+  sampler, seeded by ``sweep.seed``; seed points from the space's ``points_to_evaluate``
+  run first. The study lives in ``EXP_DIR/optuna.db`` (SQLite, study name = sweep name).
+* Early stopping: ASHA on the training step (``time_attr="step"``); multi-objective sweeps
+  (``sweep.metrics=[a,b]``) run without it.
+* Resources: ``sweep.trial_resources`` per trial worker. With Ray Train trials the workers
+  hold them and the trial actor holds none, so ``max_concurrent`` is capped to what a local
+  cluster fits; inline trials hold them through ``tune.with_resources``. ASHA with Ray Train
+  trials needs the Ray dashboard (state API) to free a stopped trial's workers.
+* Resume: ``resume=true`` restores the Tune experiment (``Tuner.restore``): finished trials
+  stay finished, unfinished ones continue from their checkpoints (:mod:`.trial`), the
+  searcher continues from its saved state and the study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+
+from ..common.atomic import write_json_atomic
+from ..common.errors import ConfigError
+from ..common.keys import tune_key
+from .layout import SUMMARY_FILE, SWEEP_SPEC_FILE, load_spec, trial_dirname
+from .search_space import SearchSpace, load_search_space
+from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan
+from .trial import sweep_trial, trial_base_config
+
+logger = logging.getLogger(__name__)
+
+TRIAL_ACTOR_MEMORY = 2**20            # bytes of Ray's memory resource held by each Ray Train trial actor
+TUNE_STATE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"  # how often Tune saves its experiment state
+TUNE_STATE_PERIOD_S = "1"
+
+
+def prepare_sweep(request: SweepRequest | Sequence[str], base=None):
+    """Checks everything on the driver, once: run config, search space, sweep options.
+
+    Args:
+        request: the sweep request (or the overrides to parse into one).
+        base: the base run's checked settings when the caller composed them already
+            (``medalign ablate-layers``); else composed from ``request.config_overrides``.
+
+    Returns:
+        ``(plan, space, base)``: the :class:`SweepPlan`, the search space and the base
+        run's :class:`~medalign_platform.run.settings.RunSettings`.
+
+    Raises:
+        ConfigError / SearchSpaceError: naming the key or the file and entry.
+    """
+    from ..run.driver import resolve_run_settings
+
+    if not isinstance(request, SweepRequest):
+        request = parse_sweep_request(request)
+    if request.search is None:
+        raise ConfigError("medalign sweep needs search=NAME (a file in search_spaces/, e.g. search=medalign_default)")
+    space = request.search if isinstance(request.search, SearchSpace) else load_search_space(str(request.search))
+    base = base or resolve_run_settings(request.config_overrides, default_name="sweep")
+    space.validate(base)
+    plan = resolve_plan(request, base, space)
+    _refuse_trials_that_cannot_fit(base, plan)
+    return plan, space, base
+
+
+def _refuse_trials_that_cannot_fit(base, plan: SweepPlan) -> None:
+    """The preflight's trial-size check (``run/preflight.py``), before any Ray resource is requested:
+    a trial's estimated GPU memory against its share of the cluster's (or ``ray.gpu_memory_gib``'s) GPUs."""
+    from ..run.preflight import check_trial_fits, local_gpus, parse_gpus
+
+    gpus = local_gpus() or parse_gpus(base.ray.gpu_memory_gib)
+    problems = check_trial_fits(base, plan.trial_resources, gpus)
+    if problems:
+        raise ConfigError(" ".join(problems))
+
+
+def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = None) -> dict:
+    """Runs (or with ``resume=true`` continues) a sweep and returns its summary.
+
+    Args:
+        request: the sweep request, or the overrides to parse into one (``search=NAME``,
+            ``sweep.*``, ``resume=true`` and run-config overrides).
+        prepared: :func:`prepare_sweep`'s result when the caller already checked the request.
+
+    Returns:
+        ``experiment_dir``, ``study`` (storage URL and name), ``metrics``/``modes``,
+        ``best`` (trial id, params, run config, metrics), ``pareto`` (multi-objective),
+        ``trials`` (count by status), ``early_stopping``, ``overhead`` (per-trial
+        seconds outside the training loop), ``wall_s``, ``resumed``.
+
+    Raises:
+        ConfigError / SearchSpaceError: bad settings, config or search space (before Ray starts).
+    """
+    from ray import tune
+
+    from ..run.driver import driver_prologue
+    from .records import summarize
+
+    started = time.time()
+    plan, space, base = prepared or prepare_sweep(request)
+    base_config = base.to_dict()
+    experiment_dir = plan.experiment_dir
+    restorable = tune.Tuner.can_restore(str(experiment_dir))
+    if restorable and not plan.resume:
+        raise ConfigError(f"{experiment_dir} already holds sweep {plan.name!r}: pass resume=true to continue it, "
+                          f"or a new sweep.name")
+    if plan.resume and restorable:
+        spec = load_spec(experiment_dir)
+        if spec["search_space"] != space.to_dict() or spec["config_overrides"] != plan.config_overrides:
+            logger.warning("resume: continuing %s with its recorded search space and config; the search space "
+                           "file or overrides given now differ and are ignored", experiment_dir)
+        recorded = spec["settings"]
+        for key in ("resume_errored", "restart_errored", "verbose"):
+            recorded[key] = getattr(plan, key)
+        plan = SweepPlan(**{**recorded, "resume": True})
+        base_config = spec["base_config"]
+    else:
+        experiment_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(experiment_dir / SWEEP_SPEC_FILE, {
+            "settings": plan.to_dict(), "base_config": base_config, "search_space": space.to_dict(),
+            "search_file": space.source, "config_overrides": plan.config_overrides,
+        })
+
+    target_cache = driver_prologue(base, output_dir=plan.output_dir, setting="sweep.output_dir")
+    concurrency = (_cap_concurrency(plan, base.ray.address) if plan.executor == "train"
+                   else plan.max_concurrent)  # inline trials hold their resources: Tune schedules them
+    if plan.executor == "train" and plan.asha_enabled and not _state_api_available():
+        raise ConfigError(
+            "ASHA early stopping needs the Ray state API (the dashboard): Ray Train's PlacementGroupCleaner uses it "
+            "to free the workers of a trial that Tune stops, and without it the next trials wait forever for CPUs. "
+            "Start Ray with its dashboard (the default of `medalign sweep`), or pass sweep.asha.enabled=false"
+        )
+    if plan.multi_objective and plan.asha.get("enabled", True):
+        logger.warning("multi-objective sweep (%s): ASHA early stopping is off, since it ranks trials on one "
+                       "metric; every trial runs to trainer.max_steps", plan.metrics)
+
+    # Tune saves its experiment state at most every 10 s by default; a trial started (or a
+    # checkpoint committed) after the last save is unknown to `resume=true` after a driver
+    # kill, and its work is redone by a fresh trial. Saving is cheap at sweep scale.
+    os.environ.setdefault(TUNE_STATE_PERIOD_ENV, TUNE_STATE_PERIOD_S)
+    if plan.resume and restorable:
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(plan), resume_unfinished=True,
+                                   resume_errored=plan.resume_errored, restart_errored=plan.restart_errored)
+    else:
+        tuner = _tuner(plan, space, base_config, concurrency)
+    tuner.fit()
+    summary = summarize(experiment_dir, wall_s=time.time() - started, close_orphans=True)
+    summary["resumed"] = bool(plan.resume and restorable)
+    summary["target_cache"] = target_cache
+    write_json_atomic(experiment_dir / SUMMARY_FILE, summary)
+    return {k: v for k, v in summary.items() if k != "records"}
+
+
+# --------------------------------------------------------------------------- Tune and Optuna
+
+
+def optuna_search_class():
+    """``OptunaSearch`` that tags each study trial with its Tune trial id (user attr
+    ``tune_trial_id``) and tolerates results of trials the study already closed: a resumed
+    sweep re-reports a trial that finished after Tune's last experiment snapshot."""
+    from ray.tune.search.optuna import OptunaSearch
+
+    class SweepOptunaSearch(OptunaSearch):
+        def suggest(self, trial_id: str):
+            config = super().suggest(trial_id)
+            trial = self._ot_trials.get(trial_id)
+            if config is not None and trial is not None:
+                trial.set_user_attr("tune_trial_id", trial_id)
+            return config
+
+        def on_trial_result(self, trial_id: str, result: dict):
+            if trial_id not in self._ot_trials:
+                return
+            try:
+                super().on_trial_result(trial_id, result)
+            except RuntimeError as error:  # optuna: the trial is already finished in the study
+                logger.info("study trial of %s is closed; result not recorded again (%s)", trial_id, error)
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            if trial_id in self._ot_trials:
+                super().on_trial_complete(trial_id, result=result, error=error)
+
+    return SweepOptunaSearch
+
+
+def sampler(plan: SweepPlan, space: SearchSpace):
+    """The Optuna sampler of ``sweep.sampler``, seeded by ``sweep.seed``."""
+    import optuna
+
+    seed = plan.seed
+    if plan.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=plan.n_startup_trials)
+    if plan.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if plan.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=plan.n_startup_trials)
+    if plan.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    grid = {tune_key(key): space.grid_values(param) for key, param in space.params.items() if param.sampled}
+    return optuna.samplers.GridSampler(grid, seed=seed)
+
+
+def study_storage(plan: SweepPlan):
+    """The study's RDB storage (SQLite, with a generous lock timeout for concurrent trials)."""
+    import optuna
+
+    return optuna.storages.RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+
+
+def _new_points(plan: SweepPlan, points: list[dict]) -> list[dict]:
+    """Seed points not yet in an existing study (a sweep restarted before Tune saved any state)."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=plan.name, storage=study_storage(plan))
+    except KeyError:
+        return points
+    seen = [t.params or t.system_attrs.get("fixed_params", {}) for t in study.get_trials(deepcopy=False)]
+    return [p for p in points if not any(all(s.get(k) == v for k, v in p.items()) for s in seen)]
+
+
+def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
+    """``max_concurrent`` lowered to what a local cluster can run at once (Tune does not see
+    the Train workers' resources: the trial actor itself holds none)."""
+    import ray
+
+    wanted = plan.max_concurrent
+    if address:
+        return wanted
+    available = ray.cluster_resources()
+    fits = wanted
+    for key, amount in plan.trial_resources.items():
+        need = amount * plan.num_workers
+        if need > 0:
+            fits = min(fits, int(available.get(key, 0) // need + 1e-9))
+    if fits < 1:
+        raise ConfigError(
+            f"sweep.trial_resources={plan.trial_resources} x {plan.num_workers} worker(s) does not fit this "
+            f"cluster ({ {k: v for k, v in available.items() if k in plan.trial_resources} })"
+        )
+    if fits < wanted:
+        logger.warning("sweep.max_concurrent=%d lowered to %d: that many trials fit the cluster's %s",
+                       wanted, fits, {k: available.get(k, 0) for k in plan.trial_resources})
+    return fits
+
+
+def _state_api_available(wait_s: float = 180.0) -> bool:
+    """Whether the Ray state API answers (it needs the dashboard, which may still be starting: on a
+    loaded 2-core machine that took over a minute)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            return True
+        except Exception:  # noqa: BLE001 - any failure means Ray Train's cleaner cannot use it either
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1.0)
+
+
+def _tuner(plan: SweepPlan, space: SearchSpace, base_config: dict, concurrency: int):
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    single = not plan.multi_objective
+    points = _new_points(plan, space.seed_points(base_config))
+    searcher = optuna_search_class()(
+        metric=plan.metrics[0] if single else plan.metrics,
+        mode=plan.modes[0] if single else plan.modes,
+        points_to_evaluate=points or None,
+        sampler=sampler(plan, space),
+        study_name=plan.name,
+        storage=study_storage(plan),
+    )
+    if plan.asha_enabled:
+        scheduler = ASHAScheduler(time_attr="step", metric=plan.metrics[0], mode=plan.modes[0],
+                                  max_t=plan.asha["max_t"], grace_period=plan.asha["grace_period"],
+                                  reduction_factor=plan.asha["reduction_factor"],
+                                  stop_last_trials=False)  # a trial at max_t ends its run itself
+    else:
+        scheduler = FIFOScheduler()
+    return tune.Tuner(
+        _trainable(plan),
+        param_space=space.param_space(trial_base_config(base_config, plan, space)),
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
+                                    max_concurrent_trials=concurrency,
+                                    # Reusing a trial actor saves its start and imports, but Tune cannot
+                                    # reuse the actor of a trial it stopped early (the trial's thread still
+                                    # runs): the next trial would error. So only without early stopping.
+                                    reuse_actors=not plan.asha_enabled,
+                                    trial_dirname_creator=trial_dirname,
+                                    trial_name_creator=trial_dirname),
+        run_config=tune.RunConfig(
+            name=plan.name, storage_path=plan.output_dir, verbose=plan.verbose,
+            # Ray Train trials retry failed workers themselves (ray.max_failures); an inline
+            # trial is retried by Tune from its last Tune checkpoint instead.
+            failure_config=tune.FailureConfig(
+                max_failures=int(base_config["ray"]["max_failures"]) if plan.executor == "inline" else 0),
+            # Tune checkpoints (executor=inline only): the most recent ray.num_to_keep. Tune,
+            # unlike Ray Train, may delete the latest checkpoint when it keeps the best-scoring
+            # ones, and a resumed trial would then redo steps.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=base_config["ray"]["num_to_keep"])),
+    )
+
+
+def _trainable(plan: SweepPlan):
+    """The Tune trainable; the same on every (re)start, as ``Tuner.restore`` requires.
+
+    ``executor=train``: the trial actor only drives its Ray Train run, so it holds no CPU or
+    GPU of its own (a token 1 MiB of Ray's ``memory`` resource: Tune needs a non-empty
+    request); the Train workers hold ``sweep.trial_resources`` (concurrency is capped to
+    match). ``executor=inline``: the trial actor trains, so it holds them itself.
+    """
+    from ray import tune
+
+    if plan.executor == "inline":
+        return tune.with_resources(sweep_trial, dict(plan.trial_resources))
+    return tune.with_resources(sweep_trial, {"CPU": 0, "memory": TRIAL_ACTOR_MEMORY})

@@ -1,0 +1,88 @@
+"""The experiment folder of a sweep (or ablation): file names, trial folders, the recorded spec.
+
+::
+
+    <sweep.output_dir>/<sweep.name>/
+        sweep.json            the resolved sweep plan, base config and search space (resume, status)
+        summary.json          what run_sweep returned, plus one record per trial
+        optuna.db             the Optuna study (SQLite; study name = sweep name)
+        experiment_state-*    Ray Tune's own state (Tuner.restore)
+        trial_<id>/           one folder per Tune trial:
+            final.json            its final metrics and timings
+            tensorboard/          its TensorBoard events
+            train/                its Ray Train run (executor=train): checkpoints, snapshot
+            checkpoint_*/         its Tune checkpoints (executor=inline), each with manifest.json
+        results/              medalign status: leaderboard, best_experiment.yaml, importances, history
+        tensorboard/          medalign status: one HParams run per trial
+        ablation/             medalign ablate-layers: the grid, its table, plot and TensorBoard
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..common.errors import ConfigError
+
+SWEEP_SPEC_FILE = "sweep.json"
+SUMMARY_FILE = "summary.json"
+FINAL_FILE = "final.json"
+STUDY_FILE = "optuna.db"
+TRAIN_RUN_NAME = "train"      # the Ray Train run's folder inside each trial folder
+MANIFEST_FILE = "manifest.json"  # {relative path: size} of an inline trial's checkpoint files
+META_KEY = "_sweep"           # reserved top-level key of a trial config: experiment dir, executor, rules
+
+
+def trial_dirname(trial) -> str:
+    """``trial_<id>``: Tune's trial folder name (``trial_dirname_creator``)."""
+    return f"trial_{trial.trial_id}"
+
+
+def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
+    """``EXP_DIR/trial_<id>``: the trial's folder in the experiment (not Tune's local staging
+    copy, which lives in the Ray session folder and is gone after a restart)."""
+    return Path(experiment_dir) / f"trial_{trial_id}"
+
+
+def study_url(experiment_dir: str | Path) -> str:
+    """The SQLite URL of the sweep's Optuna study, at the folder's own path (a moved folder works)."""
+    return f"sqlite:///{Path(experiment_dir).resolve() / STUDY_FILE}"
+
+
+def load_spec(experiment_dir: str | Path) -> dict:
+    """The recorded ``sweep.json``.
+
+    Raises:
+        ConfigError: the folder is not a sweep experiment folder.
+    """
+    path = Path(experiment_dir) / SWEEP_SPEC_FILE
+    if not path.is_file():
+        raise ConfigError(f"{experiment_dir} has no {SWEEP_SPEC_FILE}: not a sweep experiment folder")
+    return json.loads(path.read_text())
+
+
+def check_experiment_dir(path: str | Path) -> Path:
+    """The experiment folder of a sweep, or a ConfigError saying what it is instead and what to pass.
+
+    Raises:
+        ConfigError: the path does not exist, is not a sweep folder (no ``sweep.json``), or
+            the sweep has not saved Tune's experiment state yet.
+    """
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{path} does not exist; pass the experiment folder of a sweep: "
+                          f"<sweep.output_dir>/<sweep.name>, e.g. sweeps/synthmed_vqa-smoke")
+    if not folder.is_dir():
+        raise ConfigError(f"{path} is a file; pass the experiment folder of a sweep (the folder holding sweep.json)")
+    if not (folder / SWEEP_SPEC_FILE).is_file():
+        hint = "pass the folder that `medalign sweep` or `medalign ablate-layers` wrote (it holds sweep.json)"
+        inside = sorted(p.parent.name for p in folder.glob(f"*/{SWEEP_SPEC_FILE}"))
+        if inside:
+            hint = f"it holds the sweeps {inside}: pass one of them, e.g. {folder / inside[0]}"
+        elif (folder.parent / SWEEP_SPEC_FILE).is_file():
+            hint = f"it is inside the sweep folder {folder.parent}: pass that"
+        raise ConfigError(f"{path} is not a sweep folder (no {SWEEP_SPEC_FILE}); {hint}")
+    if not any(folder.glob("experiment_state-*.json")):
+        raise ConfigError(f"{path}: the sweep has not saved Ray Tune's experiment state yet (it is still starting); "
+                          f"run `medalign status {path}` again once its first trial runs")
+    return folder.resolve()
