@@ -117,3 +117,29 @@ def test_targets_are_per_question_and_cached(synthmed, tmp_path):
     assert again.cache.stats.misses == 0 and again.cache.stats.hits >= 2
     assert torch.equal(reread.attention, targets.attention)
     assert torch.equal(reread.patch_tokens, targets.patch_tokens)
+
+
+@pytest.mark.slow
+def test_a_run_distils_from_the_oracle_and_reads_grounding_at_the_answer(tmp_path, monkeypatch):
+    import math
+
+    from medalign_platform.run.compose import compose_config
+    from medalign_platform.run.loop import RunContext, run_training
+    from medalign_platform.run.settings import RunSettings
+    from medalign_platform.synthmed.prepare import prepare_mini_synthmed
+
+    prepare_mini_synthmed(tmp_path / "cache")
+    monkeypatch.setenv("MEDALIGN_CACHE", str(tmp_path / "cache"))
+    config = compose_config(["experiment=synthmed_vqa", "teacher=synthmed_oracle", "trainer.max_steps=2",
+                             "trainer.eval_every=0", "trainer.batch_size=4", "trainer.val_size=8",
+                             "trainer.test_size=8", "trainer.max_new_tokens=4", "lora.rank=4"])
+    settings = RunSettings.from_config(config)
+    settings.check_paths()
+    assert settings.teacher.attention == "prompt_aware" and settings.teacher.factory == FACTORY
+    stats = precompute_targets(settings.teacher, load_split(settings.data, "train"))
+    assert stats["misses"] > 0 and stats["corrupt"] == 0
+    final = run_training(config, RunContext(report=lambda m, c: None, scratch_dir=tmp_path / "run"))
+    assert final["train/attention"] > 0 and math.isfinite(final["train/spatial"])
+    for key in ("test/grounding_layer", "test/grounding_answer", "test/pointing_answer"):
+        assert key in final and final[key] >= 0, key
+    assert final["test/grounding"] == final["test/grounding_layer"]
