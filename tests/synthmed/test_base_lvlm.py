@@ -18,12 +18,12 @@ from medalign_platform.data.collate import StudentCollator, generate_answers
 from medalign_platform.data.conversations import load_conversation_dataset
 from medalign_platform.data.metrics import closed_accuracy, normalize_answer
 from medalign_platform.core.student import check_layer, decoder_layers, load_student, visual_grid
-from medalign_platform.synthmed.generator import SYNTHMED_WORDS, ensure_synthmed
+from medalign_platform.synthmed.generator import SYNTHMED_WORDS, ensure_synthmed, pretrain_file
 
-# Half of SynthMed's default train split is plenty for the default 400 x 32 samples; the val
-# split still gives ~1,500 questions, 300 of which training.json scores.
-SYNTHMED_SIZES = {"n_train": 2500, "n_val": 150, "n_test": 0}
-CLOSED_EVAL = 600   # val closed questions the tests score themselves
+# Half of SynthMed's default train split for both stages (dense vision pre-training, then the
+# language stage on the pre-training corpus); 300 val images give ~450 closed corpus questions.
+SYNTHMED_SIZES = {"n_train": 2500, "n_val": 300, "n_test": 0}
+CLOSED_EVAL = 400   # val closed corpus questions the tests score themselves
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,7 +49,7 @@ def pretrained(synthmed_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_closed(synthmed_dir):
-    val = load_conversation_dataset(synthmed_dir / "val.json")
+    val = load_conversation_dataset(synthmed_dir / pretrain_file("val"), synthmed_dir)
     closed = [i for i, item in enumerate(val.items) if item.answer_type == "closed"]
     assert len(closed) >= CLOSED_EVAL
     step = len(closed) / CLOSED_EVAL
@@ -92,20 +92,23 @@ def test_answers_in_format_and_grounding_imperfect(pretrained, val_closed):
     message = (f"yes/no rate {yes_no:.3f}, closed accuracy {accuracy:.3f}, prior {prior:.3f}, "
                f"training.json {info['val']}")
     assert yes_no >= 0.95, message
-    assert 0.55 < accuracy < 0.95, message
+    assert accuracy > 0.55, message
     assert accuracy > prior + 0.03, message   # it looks at the image, not only at the question
-    # training.json's own evaluation (300 closed + open questions) agrees on the picture.
+    # training.json's own evaluation (300 closed + open corpus questions) agrees on the picture.
     val = info["val"]
     assert val["n_closed"] + val["n_open"] == 300
-    assert 0.55 < val["closed_accuracy"] < 0.95 and val["closed_yes_no_rate"] >= 0.95
-    assert 0.0 < val["open_recall"] < 1.0
+    assert val["closed_accuracy"] > 0.55 and val["closed_yes_no_rate"] >= 0.95
+    assert 0.0 < val["open_recall"] <= 1.0
+    # The benchmark task (a place named, an attribute asked) is never trained on here: room
+    # for the fine-tune (v2 builds score about chance on it, docs/synthmed.md).
+    assert info["task_val_zero_shot"]["closed_accuracy"] < 0.9
 
 
 @pytest.mark.slow
 def test_pretraining_is_deterministic_given_the_seed(synthmed_dir, tmp_path):
-    runs = [pretrain_base_lvlm(synthmed_dir, tmp_path / name, steps=5, batch_size=8, val_questions=0,
+    runs = [pretrain_base_lvlm(synthmed_dir, tmp_path / name, steps=5, batch_size=8, vision_steps=5, val_questions=0,
                                progress=False) for name in ("a", "b")]
-    other = pretrain_base_lvlm(synthmed_dir, tmp_path / "c", seed=1, steps=5, batch_size=8, val_questions=0,
+    other = pretrain_base_lvlm(synthmed_dir, tmp_path / "c", seed=1, steps=5, batch_size=8, vision_steps=5, val_questions=0,
                                progress=False)
     (a, _), (b, _), (c, _) = (load_student(path) for path in (*runs, other))
     state_a, state_b, state_c = a.state_dict(), b.state_dict(), c.state_dict()
@@ -115,7 +118,7 @@ def test_pretraining_is_deterministic_given_the_seed(synthmed_dir, tmp_path):
     assert any(not torch.equal(state_a[n], state_c[n]) for n in state_a), "the seed must matter"
     # ensure_base_lvlm reuses a matching build instead of training again.
     stamp = (runs[0] / "model.safetensors").stat().st_mtime_ns
-    ensure_base_lvlm(synthmed_dir, runs[0], steps=5, batch_size=8, val_questions=0, progress=False)
+    ensure_base_lvlm(synthmed_dir, runs[0], steps=5, batch_size=8, vision_steps=5, val_questions=0, progress=False)
     assert (runs[0] / "model.safetensors").stat().st_mtime_ns == stamp
 
 
@@ -125,7 +128,7 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="ensure_synthmed"):
         pretrain_base_lvlm(data, tmp_path / "out", progress=False)
     for split in ("train", "val"):
-        (data / f"{split}.json").write_text("[]")
+        (data / pretrain_file(split)).write_text("[]")
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -1,17 +1,19 @@
 """The tiny base LVLM of the SynthMed embedded default: a tiny LLaVA pre-trained on SynthMed.
 
 MedAlign starts from a Med-LVLM that already answers medical questions in the right format
-but grounds imperfectly. For the embedded default that model is built here in about a
-minute on a laptop CPU:
+but grounds imperfectly. For the embedded default that model is built here (about ten
+minutes of one CPU core, docs/synthmed.md):
 
 1. :func:`medalign_platform.synthmed.tiny_student.tiny_student` builds a random LLaVA with a
    word-level tokenizer over :data:`~medalign_platform.synthmed.generator.SYNTHMED_WORDS` plus the two
    chat words of the prompt (``user``, ``assistant``; punctuation and digits are always in
    that tokenizer).
-2. It is trained briefly with a **full fine-tune** -- vision tower, projector and LLM, like
-   an LVLM's instruction stage -- on SynthMed's train split: every closed (yes/no) and open
-   VQA question and every report ("describe the findings."), in the one prompt format of
-   :mod:`medalign_platform.data.collate`, loss on the answer tokens only.
+2. It is trained in two stages on SynthMed's **pre-training corpus** (``pretrain_train.json``:
+   reports, presence, count, where the lesions are, and single-lesion attribute questions;
+   never a question that names a place and asks what is there, which is the benchmark
+   task in ``train.json``): first the vision tower alone, as a dense per-patch classifier
+   (:mod:`.vision_pretrain`, ``vision_steps``), then the projector and the LLM with the
+   tower frozen (:func:`train_language_stage`), loss on the answer tokens only.
 3. It is saved with ``save_pretrained`` (model and processor), loads back through
    :func:`medalign_platform.core.student.load_student`, and ``training.json`` records the
    settings, the loss and validation metrics (greedy answers scored by the run's
@@ -22,9 +24,7 @@ processor keeps them at **64 px** (no resampling, nothing lost) and the CLIP vis
 **8 px patches**, an **8x8 visual grid** (64 image tokens, the grid of the default tiny
 student). The LLM is tiny_student's 4-layer Llama of width 64 (grouped-query attention, 4
 query and 2 key/value heads), so MedAlign's distillation layer can be 1, 2 or 3; the vision
-tower has 3 layers of width 64 (LLaVA reads the second-to-last, so 2 of them are used).
-A wider, deeper LLM (width 96, 6 layers) is about twice as slow per step, which the ~90 s
-budget cannot afford.
+tower has 3 layers of width 64, all of which the projector reads (``vision_feature_layer=-1``).
 
 Two things make such a small model learn to look at the image within a few hundred steps
 (with HF's default init it still answered from the text prior after 800 steps in our runs):
@@ -32,12 +32,9 @@ Two things make such a small model learn to look at the image within a few hundr
 widths of thousands, and larger CLIP position embeddings), and :func:`answer_loss` (every
 question weighs the same, so reports do not drown the one-token closed answers).
 
-The training budget is deliberately short (400 steps of 32, ~12.8k samples, about a quarter
-of one epoch of the default train split): the model learns the answer format (yes/no for
-closed questions, short phrases for open ones, reports in the template) and part of the
-grounding, so validation closed accuracy lands clearly above the text-only prior (~53-55%
-on SynthMed's val split) but well below 100% (about 60-72% across seeds), leaving room for
-MedAlign. ``training.json`` holds the numbers of each build.
+``training.json`` holds the numbers of each build: validation on the corpus
+(``val``) and, never trained on, the benchmark task zero-shot (``task_val_zero_shot``).
+docs/synthmed.md has the measured figures and the designs tried.
 
 Determinism: the weights are a function of ``seed`` (and the data), with a fixed number of
 CPU threads (``num_threads``, 1 by default, which also keeps a run's time predictable on
@@ -84,7 +81,7 @@ __all__ = [
 ]
 
 #: Bump when the recipe (architecture, data, loop) changes so ensure_base_lvlm rebuilds.
-BASE_LVLM_VERSION = 1
+BASE_LVLM_VERSION = 2
 TRAINING_FILE = "training.json"
 
 #: Words of the prompt template that are not SynthMed words ("USER:", "ASSISTANT:").
