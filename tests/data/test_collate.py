@@ -25,10 +25,10 @@ QA = [
     ("is there a lesion?", "yes", "closed"),
     ("where is the lesion?", "left upper quadrant", "open"),
     ("describe the findings.",
-     "two lesions: a small round bright lesion in the left upper quadrant and a large oval faint lesion "
+     "two lesions: a small round bright lesion in the left upper quadrant and a large elongated faint lesion "
      "in the right lower quadrant.", "report"),
     ("how many lesions are there?", "zero", "open"),
-    ("is there a lesion on the right side?", "no", "closed"),
+    ("in the right lower quadrant, is the lesion faint?", "no", "closed"),
 ]
 
 
@@ -193,4 +193,5 @@ def test_generate_answers_is_greedy_ordered_and_batch_independent(student, items
     with torch.no_grad():
         first = int(model(**batch).logits[0, -1].argmax())
     expected = processor.tokenizer.decode([first], skip_special_tokens=True).strip()
-    assert one[0].split(" ")[0] == expected or (not expected and one[0] == "")
+    # (startswith: punctuation and digit tokens decode without a space between them)
+    assert one[0].startswith(expected) or (not expected and one[0] == "")
