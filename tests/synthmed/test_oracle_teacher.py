@@ -75,6 +75,11 @@ def test_factory_builds_the_oracle_and_names_a_bad_factory():
         build_teacher(TeacherSettings(name="x", factory="medalign_platform.nowhere:build"))
     with pytest.raises(TypeError, match="label masks next to image files"):
         teacher.encode_images([object()])
+    # `medalign check` / the sweep's fit check read the layout from the built teacher.
+    from medalign_platform.run.preflight import teacher_layout
+
+    layout = teacher_layout({"name": "synthmed-oracle", "factory": FACTORY, "attention": "prompt_aware"})
+    assert layout["grid"] == (8, 8) and layout["width"] == 1 + MAX_LESIONS and layout["params"] == 0
 
 
 @pytest.fixture(scope="module")

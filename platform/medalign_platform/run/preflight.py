@@ -125,6 +125,14 @@ def teacher_layout(teacher: dict) -> dict:
         ConfigError: a missing file, or a config that is not in the local cache.
     """
     name = str(teacher.get("name") or "")
+    if teacher.get("factory"):   # built in code (e.g. SynthMed's oracle): ask the teacher itself
+        from .evaluation import build_teacher
+        from .settings import TeacherSettings
+
+        built = build_teacher(TeacherSettings.from_dict(dict(teacher)))
+        return {"kind": f"{type(built).__name__} ({teacher['factory']})", "grid": tuple(built.grid),
+                "width": int(built.width), "params": 0, "has_text": bool(getattr(built, "has_text", False)),
+                "source": str(teacher["factory"])}
     if name.startswith("hf-clip:"):
         source = name[len("hf-clip:"):]
         local = Path(source).expanduser() / "config.json"
