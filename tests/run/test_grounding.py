@@ -50,6 +50,21 @@ def test_tap_keeps_the_prefill_capture_through_decoding(tiny_student_dir, random
         tap.pop()
 
 
+def test_a_decode_step_that_emits_the_image_token_keeps_the_prefill_capture(tiny_student_dir, random_images):
+    # An untrained student can answer with the <image> id; that one-token step is not an image.
+    model, processor = load_student(tiny_student_dir)
+    batch = make_batch(processor, random_images[:2], with_answers=False)
+    tap = AnswerAttentionTap(model)
+    with torch.no_grad():
+        model(**batch)
+        first = [r.clone() for r in tap._rows]
+        step = torch.tensor([[image_token_id(model)], [1]])
+        model(input_ids=step, attention_mask=torch.ones_like(step))
+    rows = tap.pop()
+    tap.remove()
+    assert torch.allclose(rows, torch.stack(first, 1), atol=1e-5)
+
+
 def test_pointing_hit_and_answer_grounding_values():
     grid = (2, 2)
     mask = torch.zeros(3, 4, 4, dtype=torch.bool)

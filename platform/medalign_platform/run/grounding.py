@@ -83,7 +83,10 @@ class AnswerAttentionTap:
     def _locate(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._span = None
-        if input_ids is None or not bool((input_ids == self.image_token_id).any()):
+        if (input_ids is None or input_ids.shape[-1] < self.num_visual_tokens
+                or not bool((input_ids == self.image_token_id).any())):
+            # A decode step holds too few tokens for an image (an untrained student may still
+            # emit the image token id as an answer token): keep the prefill's capture.
             return None
         positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
         mask = kwargs.get("attention_mask")
