@@ -313,8 +313,8 @@ class StoragePath:
                 continue  # hidden files: temporary siblings of atomic writes
             stat = file.stat()
             known = existing.get(relative)
-            if known and known[0] == stat.st_size and known[1] >= stat.st_mtime:
-                continue
+            if known and known[0] == stat.st_size and known[1] >= int(stat.st_mtime):
+                continue  # object stores keep whole seconds
             (self / relative).write_bytes(file.read_bytes())
             copied += 1
         return copied

@@ -28,14 +28,15 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 @contextlib.contextmanager
 def loopback_cluster(address: str | None) -> Iterator[None]:
     """Around ``ray.init``: a cluster it starts gets node address 127.0.0.1, so every port it
-    opens listens on loopback only. Does nothing when joining a cluster (``address`` set).
+    opens listens on loopback only. Does nothing when ``ray.init`` joins a cluster
+    (:func:`starts_local_cluster`).
 
     Ray resolves an explicit ``_node_ip_address="127.0.0.1"`` to the machine's outward
     address, so the node address is chosen through Ray's single-machine switch instead: the
     module constant it reads when it starts a node, and the environment variable its child
     processes read. Both are restored afterwards.
     """
-    if address not in LOCAL_ADDRESSES:
+    if not starts_local_cluster(address):
         yield
         return
     import ray._private.ray_constants as constants
@@ -51,6 +52,21 @@ def loopback_cluster(address: str | None) -> Iterator[None]:
             os.environ.pop(RAY_CLUSTER_ENV, None)
         else:
             os.environ[RAY_CLUSTER_ENV] = saved_env
+
+
+def starts_local_cluster(address: str | None) -> bool:
+    """Whether ``ray.init(address=address)`` starts a new cluster rather than joining one: Ray
+    joins ``RAY_ADDRESS`` (set inside a submitted job) or, for ``auto``/None, a cluster it finds
+    recorded on this machine. (A joining driver must keep the node's real address, or Ray finds
+    no raylet of its own.)"""
+    if address not in LOCAL_ADDRESSES and address != "auto":
+        return False
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        return canonicalize_bootstrap_address(address) is None
+    except Exception:  # noqa: BLE001 - an address Ray cannot parse: ray.init reports it, nothing to patch
+        return False
 
 
 def machine_address(ipv6: bool = False) -> str:
