@@ -95,9 +95,11 @@ class LocalCluster:
         index = len(self.processes)
         log = self.root / f"node{index}.log"
         before = set(self.alive_nodes())
+        # Its own temp dir, as on a separate machine: nodes sharing one would share (and delete)
+        # each other's unpacked job working dirs.
         process = self._start(["--address", self.gcs_address, "--node-ip-address", node_ip,
                                "--num-cpus", str(num_cpus), "--object-store-memory", str(100 * 2**20),
-                               "--disable-usage-stats"], log, self.env)
+                               "--temp-dir", str(self.root / f"ray{index}"), "--disable-usage-stats"], log, self.env)
         self._wait(lambda: set(self.alive_nodes()) - before, process, log, f"node {index}")
 
     def _wait(self, ready, process: subprocess.Popen, log: Path, what: str) -> None:

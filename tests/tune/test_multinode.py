@@ -51,7 +51,7 @@ def two_node_sweep(tmp_path_factory):
             cluster.start_head(num_cpus=1, node_ip="127.0.0.2")
             cluster.add_node(num_cpus=1, node_ip="127.0.0.3")
             output = s3.uri("sweeps")
-            entrypoint = [f"MEDALIGN_CACHE={cache}", "python", "-m", "medalign_platform", "sweep",
+            entrypoint = [f"MEDALIGN_CACHE={cache}", "MEDALIGN_TMP_DEBUG=1", "python", "-m", "medalign_platform", "sweep",
                           "experiment=synthmed_vqa", "search=smoke", f"sweep.num_samples={NUM_TRIALS}",
                           "sweep.max_concurrent=2", "sweep.trial_resources={CPU:1}", f"sweep.output_dir={output}",
                           f"sweep.storage={pg.url}", "sweep.name=multinode", "sweep.verbose=0", *TINY]

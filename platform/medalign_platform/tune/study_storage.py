@@ -110,7 +110,7 @@ def check_setting(value: str | None) -> None:
 
     try:
         url = make_url(text)
-    except ArgumentError as error:
+    except (ArgumentError, ValueError) as error:
         raise ConfigError(f"sweep.storage={text!r} is not a database URL ({error}); e.g. "
                           f"postgresql://user@host:5432/db") from error
     if url.password:
@@ -142,9 +142,11 @@ def connect(storage: StudyStorage):
     Raises:
         ConfigError: naming ``sweep.storage``, the error and the fix.
     """
-    opened = storage.open()
     try:
+        opened = storage.open()  # RDBStorage connects (and creates its tables) here
         opened.get_all_studies()
+    except ConfigError:
+        raise
     except Exception as error:  # noqa: BLE001 - any driver error: the setting cannot be used
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError(f"sweep.storage={storage.url}: cannot open the study storage ({first}); start the "

@@ -1,0 +1,291 @@
+"""Sweeps on shared storage: ``sweep.output_dir`` on S3, ``sweep.storage`` (SQLite, journal,
+PostgreSQL), private experiment folders, and a sweep killed and resumed with its study in a
+real PostgreSQL server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from medalign_platform.common.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def s3():
+    from storage_servers import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def stub_config(tmp_path_factory):
+    """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
+    from medalign_platform.run.compose import compose_config
+
+    cache = tmp_path_factory.mktemp("stub_cache")
+    root = cache / "synthmed"
+    root.mkdir()
+    (root / "prepared.json").write_text(json.dumps({k: str(root / k) for k in ("data", "teacher", "student")}
+                                                   | {"cache": str(root)}))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDALIGN_CACHE", str(cache))
+    try:
+        yield compose_config(["experiment=synthmed_vqa", "trainer.max_steps=40", "trainer.eval_every=10"])
+    finally:
+        patch.undo()
+
+
+def plan_for(overrides, config):
+    from medalign_platform.run.settings import RunSettings
+    from medalign_platform.tune.search_space import load_search_space
+    from medalign_platform.tune.settings import parse_sweep_request, resolve_plan
+
+    request = parse_sweep_request(["search=smoke", *overrides])
+    return resolve_plan(request, RunSettings.from_config(config), load_search_space("smoke"))
+
+
+# --------------------------------------------------------------------------- settings (fast)
+
+
+def test_a_uri_output_dir_is_kept_as_a_uri(stub_config, tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDALIGN_CACHE", str(tmp_path))
+    plan = plan_for(["sweep.output_dir='s3://bucket/sweeps/?endpoint_override=127.0.0.1:9000'", "sweep.name=x"],  # quoted: it holds =
+                    stub_config)
+    assert plan.output_dir == "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000"
+    assert plan.experiment_location == "s3://bucket/sweeps/x?endpoint_override=127.0.0.1:9000"
+    with pytest.raises(ConfigError, match="lives in remote storage"):
+        plan.experiment_dir  # noqa: B018 - a property that must refuse
+    assert plan.study_dir.is_relative_to(tmp_path / "remote") and plan.study_dir.name == "driver-study"
+    assert plan.storage_url == f"sqlite:///{plan.study_dir / 'optuna.db'}"
+
+
+@pytest.mark.parametrize("value, match", [
+    ("postgresql://me:secret@db:5432/studies", r"must not contain a password .* PGPASSWORD"),
+    ("studies.txt", r"neither sqlite, journal, a journal file .* nor a database URL"),
+    ("postgresql://db:notaport/studies", r"not a database URL"),
+])
+def test_bad_study_storage_is_refused_naming_the_key(value, match, stub_config):
+    with pytest.raises(ConfigError, match=match):
+        plan_for([f"sweep.storage={value}"], stub_config)
+
+
+def test_study_storage_kinds_resolve_beside_the_experiment(stub_config, tmp_path):
+    from medalign_platform.tune.study_storage import resolve_storage
+
+    assert resolve_storage(None, tmp_path).url == f"sqlite:///{tmp_path / 'optuna.db'}"
+    assert resolve_storage("journal", tmp_path).target == str(tmp_path / "optuna.journal")
+    shared = resolve_storage(str(tmp_path / "nfs" / "study.journal"), tmp_path / "exp")
+    assert (shared.kind, shared.target) == ("journal_file", str(tmp_path / "nfs" / "study.journal"))
+    database = resolve_storage("postgresql://me@db:5432/studies", tmp_path)
+    assert (database.kind, database.url) == ("rdb", "postgresql://me@db:5432/studies")
+
+
+def test_a_database_that_does_not_answer_fails_before_ray_starts(stub_config, tmp_path):
+    from medalign_platform.run.filesystems import StoragePath
+    from medalign_platform.tune.driver import open_study
+    from storage_servers import free_port
+
+    plan = plan_for([f"sweep.output_dir={tmp_path}", f"sweep.storage=postgresql://me@127.0.0.1:{free_port()}/x"],
+                    stub_config)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"sweep.storage=postgresql://me@127.0.0.1:\d+/x: cannot open the study "
+                                          r"storage .*start the database or fix the URL"):
+        open_study(plan, StoragePath(plan.experiment_location))
+    assert time.monotonic() - started < 30
+
+
+def test_journal_study_is_found_by_the_readers(stub_config, tmp_path):
+    import optuna
+    from medalign_platform.run.filesystems import StoragePath
+    from medalign_platform.tune.driver import open_study
+    from medalign_platform.tune.layout import study_storage
+
+    plan = plan_for([f"sweep.output_dir={tmp_path}", "sweep.name=j", "sweep.storage=journal"], stub_config)
+    storage = open_study(plan, StoragePath(plan.experiment_location))
+    study = optuna.create_study(study_name="j", storage=storage.open(), direction="maximize")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+    (tmp_path / "j" / "sweep.json").write_text(json.dumps({"settings": plan.to_dict()}))
+    found = study_storage(tmp_path / "j")
+    assert found.kind == "journal" and found.target == str(tmp_path / "j" / "optuna.journal")
+    loaded = optuna.load_study(study_name="j", storage=found.open())
+    assert [t.values for t in loaded.trials] == [t.values for t in study.trials]
+
+
+def test_file_study_of_a_remote_experiment_is_copied_there_and_back(stub_config, s3, tmp_path, monkeypatch):
+    """The driver writes a SQLite study locally; the uploader copies it into the S3 experiment
+    folder, and a driver elsewhere (no local copy) starts from that copy."""
+    import optuna
+    from medalign_platform.run.filesystems import StoragePath
+    from medalign_platform.tune.driver import _study_uploader, open_study
+
+    monkeypatch.setenv("MEDALIGN_CACHE", str(tmp_path / "cache"))
+    plan = plan_for([f"sweep.output_dir={s3.uri('studies')}", "sweep.name=remote"], stub_config)
+    location = StoragePath(plan.experiment_location)
+    storage = open_study(plan, location)
+    assert storage.kind == "sqlite" and Path(storage.target).parent == plan.study_dir
+    assert stat.S_IMODE(plan.study_dir.stat().st_mode) == 0o700
+    uploader = _study_uploader(storage, location)
+    study = optuna.create_study(study_name="remote", storage=storage.open())
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    uploader.stop()
+    assert (location / "optuna.db").size() == Path(storage.target).stat().st_size
+
+    Path(storage.target).unlink()  # another machine: no local copy yet
+    again = open_study(plan, location)
+    assert [t.params for t in optuna.load_study(study_name="remote", storage=again.open()).trials] == \
+        [t.params for t in study.trials]
+
+
+def test_newest_checkpoint_of_a_trial_on_s3_skips_a_partial_upload(s3):
+    from medalign_platform.run.filesystems import StoragePath
+    from medalign_platform.tune.trial import newest_trial_checkpoint
+
+    trial = StoragePath(s3.uri("ckpt", "trial_a"))
+    for step, complete in ((2, True), (4, False)):
+        folder = trial / f"checkpoint_{step // 2:06d}"
+        (folder / "trainer_state.json").write_json({"step": step})
+        (folder / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * 10)
+        sizes = {name: size for name, (size, _) in folder.files().items()}
+        if not complete:  # the manifest promises a file that never arrived
+            sizes["optimizer.pt"] = 99
+        (folder / "manifest.json").write_json(sizes)
+    (trial / "params.json").write_json({})
+    step, folder = newest_trial_checkpoint(trial)
+    assert step == 2 and str(folder) == s3.uri("ckpt", "trial_a", "checkpoint_000001")
+
+
+def test_resume_refuses_a_folder_others_can_write(tmp_path):
+    from medalign_platform.tune.layout import check_private
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    (folder / "tuner.pkl").write_bytes(b"x")
+    os.chmod(folder, 0o700)
+    check_private(folder)  # ours, private: fine
+    os.chmod(folder / "tuner.pkl", 0o666)
+    with pytest.raises(ConfigError, match=r"resume=true refused: .*tuner.pkl can be written by other users .*"
+                                          r"unpickles Tune's state files.*chmod -R go-w"):
+        check_private(folder)
+
+
+# --------------------------------------------------------------------------- PostgreSQL, killed and resumed
+
+MAX_STEPS = 6
+SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=2",
+         "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
+         "trainer.max_new_tokens=4", "sweep.num_samples=2", "sweep.max_concurrent=1", "sweep.seed=0",
+         f"sweep.asha.grace_period={MAX_STEPS}", "sweep.name=pg", "sweep.executor=inline", "sweep.verbose=0"]
+KILL_TIMEOUT_S = 300
+
+
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILLs the driver's process group and every descendant (its Ray cluster included)."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    os.killpg(process.pid, signal.SIGKILL)
+    for child in descendants:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    process.wait(timeout=30)
+    psutil.wait_procs(descendants, timeout=20)
+
+
+def _newest_step(trial: Path) -> int:
+    from medalign_platform.tune.trial import newest_trial_checkpoint
+
+    newest = newest_trial_checkpoint(trial)
+    return newest[0] if newest else 0
+
+
+@pytest.fixture(scope="module")
+def postgres_resumed(tmp_path_factory):
+    """A 2-trial sweep with its study in PostgreSQL: the driver is SIGKILLed while the second
+    trial is half-way, then ``medalign sweep ... resume=true`` finishes it."""
+    import optuna
+    from medalign_platform.synthmed.prepare import prepare_mini_synthmed
+    from storage_servers import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb); `make system-deps` installs them")
+    root = tmp_path_factory.mktemp("pg_sweep")
+    prepare_mini_synthmed(root / "cache")
+    with postgres_server() as pg:
+        overrides = [*SWEEP, f"sweep.output_dir={root / 'sweeps'}", f"sweep.storage={pg.url}"]
+        env = {**os.environ, "MEDALIGN_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+        experiment = root / "sweeps" / "pg"
+        command = [sys.executable, "-m", "medalign_platform", "sweep", *overrides]
+        started = time.monotonic()
+        with (root / "driver.log").open("w") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        killed = None
+        try:
+            deadline = time.monotonic() + KILL_TIMEOUT_S
+            while time.monotonic() < deadline and process.poll() is None:
+                try:
+                    trials = optuna.load_study(study_name="pg", storage=pg.url).get_trials(deepcopy=False)
+                except KeyError:
+                    trials = []  # not created yet
+                complete = [t for t in trials if t.state.name == "COMPLETE"]
+                running = [t for t in experiment.glob("trial_*") if 0 < _newest_step(t) < MAX_STEPS]
+                if complete and running:
+                    killed = {"complete": {t.user_attrs["tune_trial_id"]: t.values for t in complete},
+                              "running": running[0].name, "after_s": time.monotonic() - started}
+                    break
+                time.sleep(0.25)  # poll interval
+        finally:
+            if process.poll() is None:
+                _kill_tree(process)
+        assert killed, f"no finished and half-way trial seen:\n{(root / 'driver.log').read_text()[-4000:]}"
+        killed["step_at_kill"] = _newest_step(experiment / killed["running"])
+        killed["mode"] = stat.S_IMODE(experiment.stat().st_mode)
+        tick = time.monotonic()
+        resumed = subprocess.run([*command, "resume=true"], env=env, capture_output=True, text=True,
+                                 timeout=KILL_TIMEOUT_S, check=False)
+        killed["resume_s"] = time.monotonic() - tick
+        print(f"\npostgres sweep killed after {killed['after_s']:.0f}s, resumed in {killed['resume_s']:.0f}s")
+        study = optuna.load_study(study_name="pg", storage=pg.url)
+        yield {"killed": killed, "resumed": resumed, "experiment": experiment,
+               "trials": study.get_trials(deepcopy=True), "pg": pg}
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_with_its_study_in_postgresql(postgres_resumed):
+    killed, resumed = postgres_resumed["killed"], postgres_resumed["resumed"]
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    experiment = postgres_resumed["experiment"]
+    summary = json.loads((experiment / "summary.json").read_text())
+    assert summary["resumed"] and summary["trials"] == {"TERMINATED": 2}
+    assert summary["study"]["storage"] == postgres_resumed["pg"].url
+    assert not (experiment / "optuna.db").exists()  # the study is in the database, not beside sweep.json
+    trials = postgres_resumed["trials"]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    records = {r["trial_id"]: r for r in summary["records"]}
+    assert {t.user_attrs["tune_trial_id"] for t in trials} == set(records)
+    for trial in trials:  # the study's values are the trials' final metrics
+        assert trial.values == [records[trial.user_attrs["tune_trial_id"]]["metrics"]["val/closed_accuracy"]]
+    for trial_id, values in killed["complete"].items():  # finished before the kill: kept, not rerun
+        assert records[trial_id]["metrics"]["val/closed_accuracy"] == values[0]
+    # the half-way trial continued from its checkpoint
+    assert 0 < killed["step_at_kill"] < MAX_STEPS
+    final = json.loads((experiment / killed["running"] / "final.json").read_text())
+    assert final["metrics"]["step"] == MAX_STEPS and killed["step_at_kill"] <= final["metrics"]["perf/start_step"]
+
+
+@pytest.mark.slow
+def test_sweep_folder_is_private(postgres_resumed):
+    assert postgres_resumed["killed"]["mode"] == 0o700
+    assert stat.S_IMODE(postgres_resumed["experiment"].stat().st_mode) == 0o700
