@@ -138,9 +138,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parse_overrides(args.overrides)  # reject malformed overrides before anything else
         return handler(args)
     except (MedAlignError, FileNotFoundError) as error:
-        import os, traceback  # TEMPORARY DEBUG
-        if os.environ.get("MEDALIGN_TMP_DEBUG"):
-            traceback.print_exc()
         print(f"medalign {args.command}: {error}", file=sys.stderr)
         return 2
 

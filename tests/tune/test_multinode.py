@@ -12,6 +12,7 @@ dashboard`` on the same remote sweep in headless Chromium.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ def two_node_sweep(tmp_path_factory):
             cluster.start_head(num_cpus=1, node_ip="127.0.0.2")
             cluster.add_node(num_cpus=1, node_ip="127.0.0.3")
             output = s3.uri("sweeps")
-            entrypoint = [f"MEDALIGN_CACHE={cache}", "MEDALIGN_TMP_DEBUG=1", "python", "-m", "medalign_platform", "sweep",
+            entrypoint = [f"MEDALIGN_CACHE={cache}", "python", "-m", "medalign_platform", "sweep",
                           "experiment=synthmed_vqa", "search=smoke", f"sweep.num_samples={NUM_TRIALS}",
                           "sweep.max_concurrent=2", "sweep.trial_resources={CPU:1}", f"sweep.output_dir={output}",
                           f"sweep.storage={pg.url}", "sweep.name=multinode", "sweep.verbose=0", *TINY]
@@ -131,15 +132,24 @@ def test_status_reads_the_remote_sweep_and_writes_its_results_back(two_node_swee
 
 DEEP_TEXT = """
 // The visible text of the page, through shadow roots (TensorBoard's Polymer plugins) and
-// same-origin iframes (the HParams plugin runs in one).
+// same-origin iframes, without style sheets and scripts.
 function walk(node, out) {
   if (node.nodeType === Node.TEXT_NODE) { out.push(node.textContent); return; }
+  if (node.nodeType === Node.ELEMENT_NODE && (node.tagName === 'STYLE' || node.tagName === 'SCRIPT')) return;
   if (node.shadowRoot) walk(node.shadowRoot, out);
   if (node.tagName === 'IFRAME') { try { walk(node.contentDocument, out); } catch (e) {} }
   for (const child of node.childNodes) walk(child, out);
 }
-const out = []; walk(document, out); return out.join(' ');
+const out = []; walk(document, out); return out.join(' ').split(/\\s+/).join(' ');
 """
+
+
+def to_precision(value: float, digits: int = 5) -> str:
+    """JavaScript's ``value.toPrecision(digits)`` for the numbers TensorBoard's HParams table shows."""
+    if value == 0:
+        return f"{0:.{digits - 1}f}"
+    exponent = math.floor(math.log10(abs(value)))
+    return f"{value:.{max(digits - 1 - exponent, 0)}f}"
 
 
 def _chromium():
@@ -159,17 +169,22 @@ def _chromium():
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
-def _wait_for_text(browser, needles: list[str], timeout: float = 90) -> str:
-    """Polls the page's deep text until every needle is in it; returns it."""
+def _page_text(browser, url: str, needles: list[str], screenshot: Path, timeout: float = 120) -> str:
+    """Loads ``url`` afresh and polls its text until every needle is in it; keeps a screenshot
+    either way (the page as it was when the needles appeared, or when the wait gave up)."""
+    browser.get("about:blank")  # a single-page app keeps its old view on a fragment change: start afresh
+    browser.get(url)
     deadline = time.monotonic() + timeout
     text = ""
     while time.monotonic() < deadline:
         text = browser.execute_script(DEEP_TEXT) or ""
         if all(needle in text for needle in needles):
-            return text
+            break
         time.sleep(0.5)  # the single-page apps fetch and render asynchronously
+    browser.save_screenshot(str(screenshot))
     missing = [n for n in needles if n not in text]
-    pytest.fail(f"the page never showed {missing}; it shows: {' '.join(text.split())[:3000]}")
+    assert not missing, f"{url} never showed {missing} (screenshot {screenshot}); it shows: {text[:3000]}"
+    return text
 
 
 def _artifacts() -> Path:
@@ -190,34 +205,36 @@ def test_dashboards_in_headless_chromium(two_node_sweep):
                             timeout=300, check=False)
     pids = re.search(r"stop them with: kill ([\d ]+)", result.stdout)
     artifacts = _artifacts()
-    print(f"\nbrowser screenshots: {artifacts}")
+    print(f"\nbrowser screenshots: {artifacts}")  # kept as the test's artifacts
     try:
         assert result.returncode == 0 and pids, result.stdout + result.stderr
         tensorboard = re.search(r"TensorBoard\s+(http://\S+)", result.stdout).group(1)
         optuna = re.search(r"optuna-dashboard\s+(http://\S+)", result.stdout).group(1)
-        records = (two_node_sweep["work"] / "records.json")
         from medalign_platform.run.filesystems import StoragePath
 
-        summary = (StoragePath(two_node_sweep["experiment"]) / "summary.json").read_json()
-        records.write_text(json.dumps(summary["records"]))
-        trial_ids = [r["trial_id"] for r in summary["records"]]
+        records = (StoragePath(two_node_sweep["experiment"]) / "summary.json").read_json()["records"]
+        trial_ids = [r["trial_id"] for r in records]
 
-        browser.get(tensorboard + "#timeseries")
-        _wait_for_text(browser, [f"trial_{t}" for t in trial_ids] + ["val/closed_accuracy"])
-        browser.save_screenshot(str(artifacts / "tensorboard-scalars.png"))
+        # TensorBoard, time series: one run per trial, the evaluation curves.
+        _page_text(browser, tensorboard + "#timeseries", [f"trial_{t}" for t in trial_ids] + ["/closed_accuracy"],
+                   artifacts / "tensorboard-scalars.png")
+        # TensorBoard, HParams table: a row per trial with its sampled values and the metric.
+        text = _page_text(browser, tensorboard + "#hparams",
+                          ["Trial ID", *trial_ids, "distill.lambda_align", "lora.rank", "val/closed_accuracy"],
+                          artifacts / "tensorboard-hparams.png")
+        table = text[text.index("Trial ID"):]
+        for record in records:  # each row: the trial id, then its searched values
+            row = table[table.index(record["trial_id"]):]
+            assert to_precision(record["params"]["distill.lambda_align"]) in row[:200], (record, row[:200])
 
-        browser.get(tensorboard + "#hparams")
-        text = _wait_for_text(browser, [f"trial_{t}" for t in trial_ids] + ["distill/lambda_align", "lora/rank"])
-        assert "val/closed_accuracy" in text
-        browser.save_screenshot(str(artifacts / "tensorboard-hparams.png"))
-
-        browser.get(optuna)
-        _wait_for_text(browser, ["multinode"])
-        browser.save_screenshot(str(artifacts / "optuna-dashboard-studies.png"))
-        browser.get(optuna.rstrip("/") + "/dashboard/studies/1")  # the first (only) study of the database
-        text = _wait_for_text(browser, ["multinode", "Best Trial"])
-        assert "val/closed_accuracy" in text or "Objective" in text
-        browser.save_screenshot(str(artifacts / "optuna-dashboard-study.png"))
+        # optuna-dashboard on the PostgreSQL study: the study, its trials and their Tune ids.
+        _page_text(browser, optuna, ["multinode", "MAXIMIZE"], artifacts / "optuna-dashboard-studies.png")
+        _page_text(browser, optuna.rstrip("/") + "/dashboard/studies/1", ["multinode (id=1)", "Best Trial"],
+                   artifacts / "optuna-dashboard-study.png")
+        text = _page_text(browser, optuna.rstrip("/") + "/dashboard/studies/1/trials",
+                          [f"{len(trial_ids)} Trials", "tune_trial_id"], artifacts / "optuna-dashboard-trials.png")
+        assert text.count("Complete") >= len(trial_ids)
+        assert any(f"tune_trial_id {t}" in text for t in trial_ids)  # the first trial's user attribute
     finally:
         browser.quit()
         if pids:
