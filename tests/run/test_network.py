@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import psutil
@@ -59,16 +61,20 @@ def _loopback(ip: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_cluster_of_our_own_listens_on_loopback_only(tmp_path):
+def test_a_cluster_of_our_own_listens_on_loopback_only():
     """``ray.address: null``: GCS, raylet, dashboard, dashboard agent, runtime-env agent and the
     metrics exporters all bind 127.0.0.1 (Ray's default is every interface)."""
+    # A cluster of this test only, in a short folder (Ray's socket paths must stay short).
+    root = tempfile.mkdtemp(prefix="nw", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = str(tmp_path)  # a cluster of this test only
+    env["RAY_TMPDIR"] = root
+    log = open(os.path.join(root, "driver.log"), "w")  # noqa: SIM115 - closed in finally
     driver = subprocess.Popen([sys.executable, "-c", CLUSTER], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                              stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         line = driver.stdout.readline()
-        assert line.startswith("NODE "), f"the driver did not start Ray (exit {driver.poll()})"
+        assert line.startswith("NODE "), \
+            f"the driver did not start Ray (exit {driver.poll()}):\n{open(log.name).read()[-3000:]}"
         assert line.split()[1] == "127.0.0.1"
         root = psutil.Process(driver.pid)
         deadline = time.monotonic() + 90
@@ -92,3 +98,5 @@ def test_a_cluster_of_our_own_listens_on_loopback_only(tmp_path):
         except subprocess.TimeoutExpired:
             driver.kill()
             driver.wait()
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)

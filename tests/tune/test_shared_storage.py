@@ -176,6 +176,13 @@ def test_resume_refuses_a_folder_others_can_write(tmp_path):
         check_private(folder)
 
 
+def test_layer_ablation_refuses_an_object_store_folder():
+    from medalign_platform.tune.ablation import parse_ablation_args, plan_ablation
+
+    with pytest.raises(ConfigError, match=r"ablation.output_dir=s3://b/x: medalign ablate-layers needs a local folder"):
+        plan_ablation(parse_ablation_args(["experiment=synthmed_vqa", "layers=[1,2]", "ablation.output_dir=s3://b/x"]))
+
+
 # --------------------------------------------------------------------------- PostgreSQL, killed and resumed
 
 MAX_STEPS = 6
