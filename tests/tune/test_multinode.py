@@ -11,7 +11,6 @@ dashboard`` on the same remote sweep in headless Chromium.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -27,7 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
-NUM_TRIALS = 3
+NUM_TRIALS = 2  # both at once, one per node
 JOB_TIMEOUT_S = 420
 TINY = ["trainer.max_steps=2", "trainer.eval_every=2", "trainer.val_size=8", "trainer.test_size=8",
         "trainer.batch_size=4", "trainer.log_every=1", "trainer.max_new_tokens=4", "sweep.asha.grace_period=2"]
@@ -36,7 +35,7 @@ ARTIFACTS_ENV = "MEDALIGN_TEST_ARTIFACTS"  # where the browser test keeps its sc
 
 @pytest.fixture(scope="module")
 def two_node_sweep(tmp_path_factory):
-    """S3 + PostgreSQL + a two-node Ray cluster; a 3-trial sweep submitted as a job and finished."""
+    """S3 + PostgreSQL + a two-node Ray cluster; a 2-trial sweep submitted as a job and finished."""
     from medalign_platform.synthmed.prepare import prepare_mini_synthmed
     from ray_cluster import LocalCluster
     from storage_servers import postgres_bin, postgres_server, s3_server

@@ -13,7 +13,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 from .compose import compose_config
 from .filesystems import StoragePath, join, normalize
