@@ -130,7 +130,7 @@ def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = N
         return summary
     import optuna
 
-    experiment_dir = Path(experiment_dir)
+    experiment_dir = Path(str(experiment_dir))  # a local StoragePath, str or Path
     spec = load_spec(experiment_dir)
     settings = SweepPlan(**spec["settings"])
     study = study or study_storage(experiment_dir, spec)
