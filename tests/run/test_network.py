@@ -100,3 +100,37 @@ def test_a_cluster_of_our_own_listens_on_loopback_only():
             driver.wait()
         log.close()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_dashboard_on_every_interface_warns_and_prints_a_reachable_url(tmp_path):
+    """``medalign dashboard ... host=0.0.0.0``: a warning on stderr, and URLs with this machine's
+    address (127.0.0.1 would not work from elsewhere); the servers answer on loopback too."""
+    import re
+    import signal
+    import urllib.request
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path / "run" / "tensorboard"))
+    writer.add_scalar("val/closed_accuracy", 0.5, 1)
+    writer.close()
+    env = {**os.environ, "RAY_ADDRESS": "http://127.0.0.1:9"}  # the Ray look-up: a closed port
+    result = subprocess.run([sys.executable, "-m", "medalign_platform", "dashboard", str(tmp_path / "run"),
+                             "host=0.0.0.0", "port=0", "optuna_port=0", "wait=false"], env=env,
+                            capture_output=True, text=True, timeout=180, check=False)
+    pids = re.search(r"stop them with: kill ([\d ]+)", result.stdout)
+    try:
+        assert result.returncode == 0 and pids, result.stdout + result.stderr
+        assert "WARNING: host=0.0.0.0 serves TensorBoard and optuna-dashboard on every network interface" \
+            in result.stderr
+        url = re.search(r"TensorBoard\s+(http://\S+)", result.stdout).group(1)
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        assert url == f"http://{machine_address()}:{port}/" and "127.0.0.1" not in url
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=10) as response:
+            assert response.status == 200
+    finally:
+        for pid in (pids.group(1).split() if pids else []):
+            try:
+                os.killpg(int(pid), signal.SIGTERM)
+            except ProcessLookupError:
+                pass
