@@ -106,3 +106,15 @@ def test_a_scheme_pyarrow_does_not_know_is_one_clear_error():
 
     with pytest.raises(ConfigError, match=r"cannot open storage 'nosuchfs://x'.*use a local path or a URI"):
         StoragePath("nosuchfs://x/y")
+
+
+def test_pyarrow_options_in_the_query_string_reach_the_store(s3, monkeypatch):
+    """``s3://bucket/prefix?endpoint_override=...&scheme=http`` works without AWS_ENDPOINT_URL."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    endpoint = s3.endpoint.removeprefix("http://")
+    place = StoragePath(f"s3://{s3.bucket}/query?endpoint_override={endpoint}&scheme=http") / "exp"
+    assert str(place) == f"s3://{s3.bucket}/query/exp?endpoint_override={endpoint}&scheme=http"
+    (place / "sweep.json").write_json({"ok": True})
+    assert (place / "sweep.json").read_json() == {"ok": True}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
+    assert StoragePath(s3.uri("query", "exp", "sweep.json")).read_json() == {"ok": True}  # the same object

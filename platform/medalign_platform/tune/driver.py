@@ -31,7 +31,6 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-
 from pathlib import Path
 
 from ..common.errors import ConfigError
@@ -194,7 +193,8 @@ def _remote_mtime(place: StoragePath) -> float | None:
 
 
 def _study_uploader(storage, location: StoragePath):
-    """The Tune callback that copies a remote experiment's file study into it (None otherwise)."""
+    """The started :class:`StudyUploader` that copies a remote experiment's file study into it
+    while the sweep runs (None for a local experiment or a database study)."""
     name = study_file_name(storage)
     if not location.is_remote or name is None:
         return None
