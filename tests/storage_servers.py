@@ -152,7 +152,7 @@ def postgres_server(database: str = "medalign") -> Iterator[PostgresServer]:
     try:
         subprocess.run([*prefix, str(bindir / "initdb"), "-D", str(data), "-U", user, "--auth=trust",
                         "--no-sync", "-E", "UTF8"], check=True, capture_output=True, timeout=120)
-        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         started = subprocess.run([*prefix, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
                                   "-w", "-t", str(START_TIMEOUT_S), "start"], capture_output=True, text=True,
                                  timeout=START_TIMEOUT_S + 30)

@@ -239,11 +239,12 @@ def postgres_resumed(tmp_path_factory):
         with (root / "driver.log").open("w") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         killed = None
+        storage = optuna.storages.RDBStorage(pg.url)  # one connection pool for every poll
         try:
             deadline = time.monotonic() + KILL_TIMEOUT_S
             while time.monotonic() < deadline and process.poll() is None:
                 try:
-                    trials = optuna.load_study(study_name="pg", storage=pg.url).get_trials(deepcopy=False)
+                    trials = optuna.load_study(study_name="pg", storage=storage).get_trials(deepcopy=False)
                 except KeyError:
                     trials = []  # not created yet
                 complete = [t for t in trials if t.state.name == "COMPLETE"]
@@ -264,7 +265,7 @@ def postgres_resumed(tmp_path_factory):
                                  timeout=KILL_TIMEOUT_S, check=False)
         killed["resume_s"] = time.monotonic() - tick
         print(f"\npostgres sweep killed after {killed['after_s']:.0f}s, resumed in {killed['resume_s']:.0f}s")
-        study = optuna.load_study(study_name="pg", storage=pg.url)
+        study = optuna.load_study(study_name="pg", storage=storage)
         yield {"killed": killed, "resumed": resumed, "experiment": experiment,
                "trials": study.get_trials(deepcopy=True), "pg": pg}
 

@@ -79,10 +79,19 @@ def join(location: str | os.PathLike, *names: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
 
+# Environment variables that configure pyarrow's filesystems (endpoints, credentials, regions):
+# a cached filesystem is only reused while they are unchanged.
+FS_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "AZURE_", "HADOOP_", "ARROW_", "CLOUDSDK_")
+
+
+def _fs_environment() -> tuple:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(FS_ENV_PREFIXES)))
+
+
 @functools.lru_cache(maxsize=32)
-def _root_filesystem(root: str):
-    """``(filesystem, root fs path)`` of a URI's scheme, host and options (cached: an S3 client
-    is built once per bucket and endpoint)."""
+def _cached_root_filesystem(root: str, environment: tuple):
+    """``(filesystem, root fs path)`` of a URI's scheme, host and options, for one environment
+    (cached: an S3 client is built once per bucket, endpoint and credentials)."""
     import pyarrow.fs as pafs
 
     try:
@@ -90,6 +99,10 @@ def _root_filesystem(root: str):
     except (ValueError, OSError) as error:  # pyarrow.lib.ArrowInvalid is a ValueError
         raise ConfigError(f"cannot open storage {root!r}: {error}; use a local path or a URI that pyarrow "
                           f"knows (s3://bucket/prefix, gs://bucket/prefix, hdfs://host:port/path)") from error
+
+
+def _root_filesystem(root: str):
+    return _cached_root_filesystem(root, _fs_environment())
 
 
 def resolve(location: str | os.PathLike):
@@ -121,6 +134,16 @@ class StoragePath:
         self.uri = normalize(location)
         self.fs, self.path = resolve(self.uri)
 
+    @classmethod
+    def _child(cls, parent: "StoragePath", name: str) -> "StoragePath":
+        """``parent / name`` on the parent's filesystem (no new resolution)."""
+        child = cls.__new__(cls)
+        child.uri = join(parent.uri, name)
+        child.fs = parent.fs
+        clean = "/".join(part for part in str(name).split("/") if part)
+        child.path = f"{parent.path.rstrip('/')}/{clean}" if clean else parent.path
+        return child
+
     # ----------------------------------------------------------------- naming
     @property
     def is_remote(self) -> bool:
@@ -139,7 +162,7 @@ class StoragePath:
                                        parts.query, "")))
 
     def __truediv__(self, name: str) -> "StoragePath":
-        return StoragePath(join(self.uri, name))
+        return StoragePath._child(self, name)
 
     def __str__(self) -> str:
         return self.uri

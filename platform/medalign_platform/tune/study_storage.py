@@ -41,6 +41,9 @@ DRIVER_HINTS = {"postgresql": "pip install 'psycopg[binary]'   (or: pip install 
                 "mysql": "pip install pymysql   (and write mysql+pymysql://...)"}
 
 
+_DATABASES: dict[str, object] = {}  # opened RDBStorage of each database URL (not SQLite files)
+
+
 @dataclass(frozen=True)
 class StudyStorage:
     """A resolved ``sweep.storage``.
@@ -78,11 +81,16 @@ class StudyStorage:
             # The open-lock works on filesystems without symlinks (NFS included).
             return optuna.storages.JournalStorage(JournalFileBackend(self.target, JournalFileOpenLock(self.target)))
         url = self.url
-        args = {"timeout": LOCK_TIMEOUT_S} if url.startswith("sqlite") else {}
-        if url.startswith("postgresql"):
-            args = {"connect_timeout": CONNECT_TIMEOUT_S}
+        if self.kind == "sqlite":
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)  # SQLite creates the file, not its folder
+        if url.startswith("sqlite"):
+            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": LOCK_TIMEOUT_S}})
+        if url in _DATABASES:  # one engine (and connection pool) per database server and process
+            return _DATABASES[url]
+        args = {"connect_timeout": CONNECT_TIMEOUT_S} if url.startswith("postgresql") else {}
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": args})
+            _DATABASES[url] = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": args})
+            return _DATABASES[url]
         except ModuleNotFoundError as error:
             scheme = url.split(":", 1)[0].split("+", 1)[0]
             raise ConfigError(f"sweep.storage={url}: the database driver {error.name!r} is not installed; "
