@@ -118,3 +118,15 @@ def test_pyarrow_options_in_the_query_string_reach_the_store(s3, monkeypatch):
     assert (place / "sweep.json").read_json() == {"ok": True}
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3.endpoint)
     assert StoragePath(s3.uri("query", "exp", "sweep.json")).read_json() == {"ok": True}  # the same object
+
+
+def test_a_changed_endpoint_is_not_served_from_the_cache(s3):
+    """Filesystems are cached per bucket and storage environment: with AWS_ENDPOINT_URL pointing
+    at another S3 server the object is not found there, and back again it is."""
+    from storage_servers import s3_server
+
+    (StoragePath(s3.uri("cache")) / "x.json").write_json({"n": 1})
+    with s3_server(bucket="another") as other:  # sets AWS_ENDPOINT_URL to the other server for the block
+        assert os.environ["AWS_ENDPOINT_URL"] == other.endpoint != s3.endpoint
+        assert not StoragePath(s3.uri("cache", "x.json")).exists()
+    assert StoragePath(s3.uri("cache", "x.json")).read_json() == {"n": 1}
