@@ -178,8 +178,11 @@ class DistillationTap:
         # the model's entry, so the decoder loop holds no graph break under torch.compile.
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         self._span = None
-        if input_ids is None or not bool((input_ids == self.image_token_id).any()):
+        if (input_ids is None or input_ids.shape[-1] < self.num_visual_tokens
+                or not bool((input_ids == self.image_token_id).any())):
             # Keep the last capture: during generate() it is the prefill's, taken on the prompt.
+            # A decode step holds too few tokens for an image (an untrained student may still
+            # emit the image token id as an answer token), so it never replaces the capture.
             return None
         self.outputs = None
         positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
