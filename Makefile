@@ -31,12 +31,14 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign sweep $(DEMO_ARGS)
 
 # System packages that some tests need: PostgreSQL's server binaries (the study-storage
-# tests start a real server) and Chromium with its WebDriver (the dashboards are checked in a
-# headless browser). apt-get installs the missing ones when we are root (as on CI); otherwise
-# this says what to install, and those tests skip with that reason.
+# tests start a real server; as root they run it as the `postgres` user the package creates)
+# and Chromium with its WebDriver (the dashboards are checked in a headless browser).
+# apt-get installs the missing ones when we are root (as on CI); otherwise this says what to
+# install, and those tests skip with that reason. Nothing is fetched when all are present.
 system-deps:
 	@missing=""; \
-	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } \
+		&& { [ "$$(id -u)" != 0 ] || id -u postgres >/dev/null 2>&1; } || missing="$$missing postgresql"; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \

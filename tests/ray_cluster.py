@@ -11,6 +11,7 @@ its own ``ray start`` processes, then anything left in their sessions or temp di
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import secrets
@@ -168,3 +169,29 @@ class LocalCluster:
                 pass
         psutil.wait_procs(alive, timeout=10)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- what a cluster exposes
+
+
+def listening_sockets(root: psutil.Process) -> dict[tuple[str, int], str]:
+    """``{(ip, port): process}`` of every listening TCP socket of ``root`` and its descendants
+    (a driver and the Ray cluster it started: GCS, raylet, dashboard, agents, workers)."""
+    found = {}
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            command = process.cmdline()
+            name = command[0] if command else process.name()  # Ray's agents retitle themselves: ray::DashboardAgent
+            for connection in process.net_connections(kind="tcp"):
+                if connection.status == psutil.CONN_LISTEN:
+                    found[(connection.laddr.ip, connection.laddr.port)] = name
+        except psutil.Error:
+            continue
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8, ::1 or an IPv4-mapped loopback address."""
+    address = ipaddress.ip_address(ip)
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback

@@ -138,11 +138,20 @@ def postgres_server(database: str = "medalign") -> Iterator[PostgresServer]:
     bindir = postgres_bin()
     if bindir is None:
         raise RuntimeError("no PostgreSQL server binaries (initdb); install them with `make system-deps`")
+    as_root = os.geteuid() == 0
+    if as_root:
+        import pwd
+
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("running as root, the PostgreSQL server must run as the unprivileged `postgres` "
+                               "user (initdb refuses root), and there is none: `make system-deps` (apt-get install "
+                               "postgresql) creates it") from None
+    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
     root = Path(tempfile.mkdtemp(prefix="medalign-pg-"))
     data, sockets, log = root / "data", root / "sockets", root / "server.log"
     sockets.mkdir()
-    as_root = os.geteuid() == 0
-    prefix = ["runuser", "-u", "postgres", "--"] if as_root else []
     if as_root:  # initdb refuses root; the postgres user owns the server's folders
         shutil.chown(root, "postgres", "postgres")
         shutil.chown(sockets, "postgres", "postgres")

@@ -1,5 +1,5 @@
 """``run/filesystems.py``: one path type for local folders and pyarrow URIs, tested on a real
-S3 server (moto's server mode on 127.0.0.1) and on local disk."""
+S3 server (moto's server mode on 127.0.0.1, the session's ``s3`` fixture) and on local disk."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ import stat
 
 import pytest
 from medalign_platform.run.filesystems import StoragePath, is_uri, join, mirror, mirror_dir, normalize, relocate
-
-
-@pytest.fixture(scope="module")
-def s3():
-    from storage_servers import s3_server
-
-    with s3_server() as server:
-        yield server
 
 
 @pytest.mark.parametrize("location, names, expected", [

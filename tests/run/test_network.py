@@ -1,17 +1,14 @@
-"""What the platform exposes: a local cluster's ports on loopback only, the dashboard's warning
-and reachable URL for a wildcard bind."""
+"""What the platform exposes: the dashboard's warning and reachable URL for a wildcard bind.
+
+That a cluster the platform starts for itself listens on loopback only is checked on a real
+sweep's cluster: ``tests/tune/test_shared_storage.py::test_the_sweep_cluster_listens_on_loopback_only``."""
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
-import time
 
-import psutil
 import pytest
 from medalign_platform.run.network import exposure_warning, local_url, machine_address, public_url
 
@@ -26,80 +23,6 @@ def test_wildcard_binds_are_warned_about_and_shown_with_a_reachable_address():
     assert public_url("0.0.0.0", 6006) == f"http://{address}:6006/"
     assert local_url("0.0.0.0", 6006) == "http://127.0.0.1:6006/"
     assert public_url("10.1.2.3", 80) == "http://10.1.2.3:80/" and exposure_warning("10.1.2.3")
-
-
-CLUSTER = """
-import os, sys
-from medalign_platform.run.driver import ensure_ray
-from medalign_platform.run.settings import RunSettings
-ensure_ray(RunSettings.from_config({}))
-import ray
-print("NODE", ray.util.get_node_ip_address(), flush=True)
-sys.stdin.read()  # stays up until the test closes stdin
-"""
-
-
-def _listeners(root: psutil.Process) -> dict[tuple[str, int], str]:
-    """``{(ip, port): process name}`` of every listening TCP socket of ``root``'s descendants."""
-    found = {}
-    for process in [root, *root.children(recursive=True)]:
-        try:
-            command = process.cmdline()
-            name = command[0] if command else process.name()  # Ray's agents retitle themselves: ray::DashboardAgent
-            for connection in process.net_connections(kind="tcp"):
-                if connection.status == psutil.CONN_LISTEN:
-                    found[(connection.laddr.ip, connection.laddr.port)] = name
-        except psutil.Error:
-            continue
-    return found
-
-
-def _loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
-
-
-@pytest.mark.slow
-def test_a_cluster_of_our_own_listens_on_loopback_only():
-    """``ray.address: null``: GCS, raylet, dashboard, dashboard agent, runtime-env agent and the
-    metrics exporters all bind 127.0.0.1 (Ray's default is every interface)."""
-    # A cluster of this test only, in a short folder (Ray's socket paths must stay short).
-    root = tempfile.mkdtemp(prefix="nw", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env["RAY_TMPDIR"] = root
-    log = open(os.path.join(root, "driver.log"), "w")  # noqa: SIM115 - closed in finally
-    driver = subprocess.Popen([sys.executable, "-c", CLUSTER], env=env, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        line = driver.stdout.readline()
-        assert line.startswith("NODE "), \
-            f"the driver did not start Ray (exit {driver.poll()}):\n{open(log.name).read()[-3000:]}"
-        assert line.split()[1] == "127.0.0.1"
-        root = psutil.Process(driver.pid)
-        deadline = time.monotonic() + 90
-        listeners: dict = {}
-        while time.monotonic() < deadline:  # the agents open their ports after ray.init returns
-            listeners = _listeners(root)
-            names = " ".join(listeners.values())
-            if all(part in names for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent")):
-                break
-            time.sleep(0.5)  # poll interval
-        names = " ".join(listeners.values())
-        for part in ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"):
-            assert part in names, f"no listening socket of {part} yet: {listeners}"
-        exposed = {key: name for key, name in listeners.items() if not _loopback(key[0])}
-        assert exposed == {}, f"listening beyond loopback: {exposed}"
-        assert len(listeners) >= 6
-    finally:
-        driver.stdin.close()
-        try:
-            driver.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            driver.kill()
-            driver.wait()
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_dashboard_on_every_interface_warns_and_prints_a_reachable_url(tmp_path):

@@ -16,12 +16,11 @@ STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", 
 
 
 @pytest.fixture(scope="module")
-def remote_run(tmp_path_factory):
+def remote_run(tmp_path_factory, s3):
     from medalign_platform.cli import main
-    from storage_servers import s3_server
 
     root = tmp_path_factory.mktemp("remote_run")
-    with s3_server() as s3, mini_synthmed_env(root / "cache"):
+    with mini_synthmed_env(root / "cache"):
         runs = s3.uri("runs")
         assert main(["train", "experiment=synthmed_vqa", *STEPS, f"run.output_dir={runs}", "run.name=r1"]) == 0
         exported = s3.uri("exports", "r1")
@@ -64,7 +63,20 @@ def test_export_reads_the_bucket_and_writes_to_it(remote_run):
     assert {"adapter_config.json", "adapter_model.safetensors", "predictions.json", EXPORT_FILE} <= set(export.files())
     info = (export / EXPORT_FILE).read_json()
     assert info["step"] == 4 and info["source_checkpoint"].startswith(remote_run["run"] + "/checkpoint_")
+    source = StoragePath(info["source_checkpoint"]) / "adapter" / "adapter_model.safetensors"
+    assert (export / "adapter_model.safetensors").read_bytes() == source.read_bytes()  # the step-4 adapter
     local = remote_run["local_export"]
-    assert (local / "adapter_model.safetensors").read_bytes() == (export / "adapter_model.safetensors").read_bytes()
-    model, _, _ = load_exported(local)
-    assert type(model).__name__ == "PeftModelForCausalLM" or "Peft" in type(model).__name__
+    assert (local / "adapter_model.safetensors").read_bytes() == source.read_bytes()
+    assert json.loads((local / EXPORT_FILE).read_text())["source_checkpoint"] == info["source_checkpoint"]
+
+    import torch
+    from safetensors.torch import load_file
+
+    model, _, _ = load_exported(local)  # the exported adapter, loaded onto the base model
+    saved = load_file(str(local / "adapter_model.safetensors"))
+    loaded = dict(model.named_parameters())
+    lora = [key for key in saved if "lora_B" in key]
+    assert lora and any(saved[key].abs().sum() > 0 for key in lora)  # trained: LoRA B leaves zero
+    for key in lora:
+        name = key.replace(".weight", ".default.weight")
+        assert torch.equal(loaded[name].detach(), saved[key]), key

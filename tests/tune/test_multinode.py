@@ -34,40 +34,37 @@ ARTIFACTS_ENV = "MEDALIGN_TEST_ARTIFACTS"  # where the browser test keeps its sc
 
 
 @pytest.fixture(scope="module")
-def two_node_sweep(tmp_path_factory):
-    """S3 + PostgreSQL + a two-node Ray cluster; a 2-trial sweep submitted as a job and finished."""
+def two_node_sweep(tmp_path_factory, s3, postgres):
+    """S3 + PostgreSQL (the session's servers) + a two-node Ray cluster; a 2-trial sweep
+    submitted as a job and finished."""
     from medalign_platform.synthmed.prepare import prepare_mini_synthmed
     from ray_cluster import LocalCluster
-    from storage_servers import postgres_bin, postgres_server, s3_server
 
-    if postgres_bin() is None:
-        pytest.skip("no PostgreSQL server binaries (initdb); `make system-deps` installs them")
     work = tmp_path_factory.mktemp("multinode")
     cache = work / "cache"
     prepare_mini_synthmed(cache)
-    with s3_server() as s3, postgres_server() as pg:
-        cluster = LocalCluster(env=s3.env)  # every node reaches the bucket with the same settings
-        try:
-            cluster.start_head(num_cpus=1, node_ip="127.0.0.2")
-            cluster.add_node(num_cpus=1, node_ip="127.0.0.3")
-            output = s3.uri("sweeps")
-            entrypoint = [f"MEDALIGN_CACHE={cache}", "python", "-m", "medalign_platform", "sweep",
-                          "experiment=synthmed_vqa", "search=smoke", f"sweep.num_samples={NUM_TRIALS}",
-                          "sweep.max_concurrent=2", "sweep.trial_resources={CPU:1}", f"sweep.output_dir={output}",
-                          f"sweep.storage={pg.url}", "sweep.name=multinode", "sweep.verbose=0", *TINY]
-            started = time.monotonic()
-            submitted = cluster.ray("job", "submit", "--address", cluster.url, "--runtime-env",
-                                    "experiments/runtime_env.yaml", "--submission-id", "multinode", "--no-wait",
-                                    "--", *entrypoint, cwd=REPO)
-            assert submitted.returncode == 0, submitted.stdout + submitted.stderr
-            info = _wait_for_job(cluster, "multinode")
-            logs = cluster.ray("job", "logs", "multinode", "--address", cluster.url).stdout
-            (work / "job.log").write_text(logs)
-            print(f"\ntwo-node sweep job {info['status']} after {time.monotonic() - started:.0f}s")
-            yield {"info": info, "logs": logs, "experiment": f"{output}/multinode", "s3": s3, "pg": pg,
-                   "nodes": cluster.alive_nodes(), "cache": cache, "work": work}
-        finally:
-            cluster.stop()
+    cluster = LocalCluster(env=s3.env)  # every node reaches the bucket with the same settings
+    try:
+        cluster.start_head(num_cpus=1, node_ip="127.0.0.2")
+        cluster.add_node(num_cpus=1, node_ip="127.0.0.3")
+        output = s3.uri("sweeps")
+        entrypoint = [f"MEDALIGN_CACHE={cache}", "python", "-m", "medalign_platform", "sweep",
+                      "experiment=synthmed_vqa", "search=smoke", f"sweep.num_samples={NUM_TRIALS}",
+                      "sweep.max_concurrent=2", "sweep.trial_resources={CPU:1}", f"sweep.output_dir={output}",
+                      f"sweep.storage={postgres.url}", "sweep.name=multinode", "sweep.verbose=0", *TINY]
+        started = time.monotonic()
+        submitted = cluster.ray("job", "submit", "--address", cluster.url, "--runtime-env",
+                                "experiments/runtime_env.yaml", "--submission-id", "multinode", "--no-wait",
+                                "--", *entrypoint, cwd=REPO)
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        info = _wait_for_job(cluster, "multinode")
+        logs = cluster.ray("job", "logs", "multinode", "--address", cluster.url).stdout
+        (work / "job.log").write_text(logs)
+        print(f"\ntwo-node sweep job {info['status']} after {time.monotonic() - started:.0f}s")
+        yield {"info": info, "logs": logs, "experiment": f"{output}/multinode", "s3": s3, "pg": postgres,
+               "nodes": cluster.alive_nodes(), "cache": cache, "work": work}
+    finally:
+        cluster.stop()
 
 
 def _wait_for_job(cluster, submission_id: str) -> dict:
@@ -196,6 +193,8 @@ def test_dashboards_in_headless_chromium(two_node_sweep):
     """``medalign dashboard`` on the remote sweep: TensorBoard's scalars and HParams table list
     every trial with its searched values, optuna-dashboard shows the PostgreSQL study; a
     screenshot of each page is kept (the folder is printed)."""
+    import optuna
+
     browser = _chromium()
     env = {**os.environ, **two_node_sweep["s3"].env, "MEDALIGN_CACHE": str(two_node_sweep["cache"]),
            "RAY_ADDRESS": "http://127.0.0.1:9"}  # the Ray look-up: a closed port, not another cluster
@@ -208,7 +207,7 @@ def test_dashboards_in_headless_chromium(two_node_sweep):
     try:
         assert result.returncode == 0 and pids, result.stdout + result.stderr
         tensorboard = re.search(r"TensorBoard\s+(http://\S+)", result.stdout).group(1)
-        optuna = re.search(r"optuna-dashboard\s+(http://\S+)", result.stdout).group(1)
+        optuna_url = re.search(r"optuna-dashboard\s+(http://\S+)", result.stdout).group(1)
         from medalign_platform.run.filesystems import StoragePath
 
         records = (StoragePath(two_node_sweep["experiment"]) / "summary.json").read_json()["records"]
@@ -226,12 +225,11 @@ def test_dashboards_in_headless_chromium(two_node_sweep):
             row = table[table.index(record["trial_id"]):]
             assert to_precision(record["params"]["distill.lambda_align"]) in row[:200], (record, row[:200])
 
-        # optuna-dashboard on the PostgreSQL study: the study, its trials and their Tune ids.
-        _page_text(browser, optuna, ["multinode", "MAXIMIZE"], artifacts / "optuna-dashboard-studies.png")
-        _page_text(browser, optuna.rstrip("/") + "/dashboard/studies/1", ["multinode (id=1)", "Best Trial"],
-                   artifacts / "optuna-dashboard-study.png")
-        text = _page_text(browser, optuna.rstrip("/") + "/dashboard/studies/1/trials",
-                          [f"{len(trial_ids)} Trials", "tune_trial_id"], artifacts / "optuna-dashboard-trials.png")
+        # optuna-dashboard on the PostgreSQL study: its trials, their states and their Tune ids.
+        study_id = optuna.storages.RDBStorage(two_node_sweep["pg"].url).get_study_id_from_name("multinode")
+        text = _page_text(browser, optuna_url.rstrip("/") + f"/dashboard/studies/{study_id}/trials",
+                          [f"multinode (id={study_id})", f"{len(trial_ids)} Trials", "Best Trial", "tune_trial_id"],
+                          artifacts / "optuna-dashboard-trials.png")
         assert text.count("Complete") >= len(trial_ids)
         assert any(f"tune_trial_id {t}" in text for t in trial_ids)  # the first trial's user attribute
     finally:

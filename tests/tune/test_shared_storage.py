@@ -18,14 +18,6 @@ from medalign_platform.common.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
-def s3():
-    from storage_servers import s3_server
-
-    with s3_server() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def stub_config(tmp_path_factory):
     """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
     from medalign_platform.run.compose import compose_config
@@ -185,12 +177,14 @@ def test_layer_ablation_refuses_an_object_store_folder():
 
 # --------------------------------------------------------------------------- PostgreSQL, killed and resumed
 
-MAX_STEPS = 6
+MAX_STEPS = 4
 SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=2",
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.num_samples=2", "sweep.max_concurrent=1", "sweep.seed=0",
          f"sweep.asha.grace_period={MAX_STEPS}", "sweep.name=pg", "sweep.executor=inline", "sweep.verbose=0"]
 KILL_TIMEOUT_S = 300
+# The processes of a cluster the platform starts for itself, all of which must listen on loopback only.
+CLUSTER_PARTS = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
 def _kill_tree(process: subprocess.Popen) -> None:
@@ -219,55 +213,57 @@ def _newest_step(trial: Path) -> int:
 
 
 @pytest.fixture(scope="module")
-def postgres_resumed(tmp_path_factory):
-    """A 2-trial sweep with its study in PostgreSQL: the driver is SIGKILLed while the second
-    trial is half-way, then ``medalign sweep ... resume=true`` finishes it."""
+def postgres_resumed(tmp_path_factory, postgres):
+    """A 2-trial sweep with its study in PostgreSQL (the session's server): the driver is
+    SIGKILLed while the second trial is half-way, then ``medalign sweep ... resume=true``
+    finishes it. Just before the kill, the listening sockets of the driver's own Ray cluster
+    (``ray.address`` null) are recorded."""
     import optuna
+    import psutil
     from medalign_platform.synthmed.prepare import prepare_mini_synthmed
-    from storage_servers import postgres_bin, postgres_server
+    from ray_cluster import listening_sockets
 
-    if postgres_bin() is None:
-        pytest.skip("no PostgreSQL server binaries (initdb); `make system-deps` installs them")
     root = tmp_path_factory.mktemp("pg_sweep")
     prepare_mini_synthmed(root / "cache")
-    with postgres_server() as pg:
-        overrides = [*SWEEP, f"sweep.output_dir={root / 'sweeps'}", f"sweep.storage={pg.url}"]
-        env = {**os.environ, "MEDALIGN_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
-        experiment = root / "sweeps" / "pg"
-        command = [sys.executable, "-m", "medalign_platform", "sweep", *overrides]
-        started = time.monotonic()
-        with (root / "driver.log").open("w") as log:
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        killed = None
-        storage = optuna.storages.RDBStorage(pg.url)  # one connection pool for every poll
-        try:
-            deadline = time.monotonic() + KILL_TIMEOUT_S
-            while time.monotonic() < deadline and process.poll() is None:
-                try:
-                    trials = optuna.load_study(study_name="pg", storage=storage).get_trials(deepcopy=False)
-                except KeyError:
-                    trials = []  # not created yet
-                complete = [t for t in trials if t.state.name == "COMPLETE"]
-                running = [t for t in experiment.glob("trial_*") if 0 < _newest_step(t) < MAX_STEPS]
-                if complete and running:
-                    killed = {"complete": {t.user_attrs["tune_trial_id"]: t.values for t in complete},
-                              "running": running[0].name, "after_s": time.monotonic() - started}
-                    break
-                time.sleep(0.25)  # poll interval
-        finally:
-            if process.poll() is None:
-                _kill_tree(process)
-        assert killed, f"no finished and half-way trial seen:\n{(root / 'driver.log').read_text()[-4000:]}"
-        killed["step_at_kill"] = _newest_step(experiment / killed["running"])
-        killed["mode"] = stat.S_IMODE(experiment.stat().st_mode)
-        tick = time.monotonic()
-        resumed = subprocess.run([*command, "resume=true"], env=env, capture_output=True, text=True,
-                                 timeout=KILL_TIMEOUT_S, check=False)
-        killed["resume_s"] = time.monotonic() - tick
-        print(f"\npostgres sweep killed after {killed['after_s']:.0f}s, resumed in {killed['resume_s']:.0f}s")
-        study = optuna.load_study(study_name="pg", storage=storage)
-        yield {"killed": killed, "resumed": resumed, "experiment": experiment,
-               "trials": study.get_trials(deepcopy=True), "pg": pg}
+    overrides = [*SWEEP, f"sweep.output_dir={root / 'sweeps'}", f"sweep.storage={postgres.url}"]
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},  # a cluster of its own
+           "MEDALIGN_CACHE": str(root / "cache"), "HF_HUB_OFFLINE": "1"}
+    experiment = root / "sweeps" / "pg"
+    command = [sys.executable, "-m", "medalign_platform", "sweep", *overrides]
+    started = time.monotonic()
+    with (root / "driver.log").open("w") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    killed = None
+    storage = optuna.storages.RDBStorage(postgres.url)  # one connection pool for every poll
+    try:
+        deadline = time.monotonic() + KILL_TIMEOUT_S
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                trials = optuna.load_study(study_name="pg", storage=storage).get_trials(deepcopy=False)
+            except KeyError:
+                trials = []  # not created yet
+            complete = [t for t in trials if t.state.name == "COMPLETE"]
+            running = [t for t in experiment.glob("trial_*") if 0 < _newest_step(t) < MAX_STEPS]
+            if complete and running:
+                killed = {"complete": {t.user_attrs["tune_trial_id"]: t.values for t in complete},
+                          "running": running[0].name, "after_s": time.monotonic() - started,
+                          "listening": listening_sockets(psutil.Process(process.pid))}
+                break
+            time.sleep(0.25)  # poll interval
+    finally:
+        if process.poll() is None:
+            _kill_tree(process)
+    assert killed, f"no finished and half-way trial seen:\n{(root / 'driver.log').read_text()[-4000:]}"
+    killed["step_at_kill"] = _newest_step(experiment / killed["running"])
+    killed["mode"] = stat.S_IMODE(experiment.stat().st_mode)
+    tick = time.monotonic()
+    resumed = subprocess.run([*command, "resume=true"], env=env, capture_output=True, text=True,
+                             timeout=KILL_TIMEOUT_S, check=False)
+    killed["resume_s"] = time.monotonic() - tick
+    print(f"\npostgres sweep killed after {killed['after_s']:.0f}s, resumed in {killed['resume_s']:.0f}s")
+    study = optuna.load_study(study_name="pg", storage=storage)
+    yield {"killed": killed, "resumed": resumed, "experiment": experiment,
+           "trials": study.get_trials(deepcopy=True), "pg": postgres}
 
 
 @pytest.mark.slow
@@ -297,3 +293,18 @@ def test_killed_sweep_resumes_with_its_study_in_postgresql(postgres_resumed):
 def test_sweep_folder_is_private(postgres_resumed):
     assert postgres_resumed["killed"]["mode"] == 0o700
     assert stat.S_IMODE(postgres_resumed["experiment"].stat().st_mode) == 0o700
+
+
+@pytest.mark.slow
+def test_the_sweep_cluster_listens_on_loopback_only(postgres_resumed):
+    """``ray.address`` null: the cluster the sweep started for itself (GCS, raylet, dashboard,
+    dashboard agent with its metrics export port, runtime-env agent, the trial's worker) binds
+    127.0.0.1 only; Ray's default is every interface, its metrics ports without authentication."""
+    from ray_cluster import is_loopback
+
+    listening = postgres_resumed["killed"]["listening"]
+    names = " ".join(listening.values())
+    assert all(part in names for part in CLUSTER_PARTS), f"not every Ray process was listening: {listening}"
+    assert len(listening) >= 6
+    exposed = {address: name for address, name in listening.items() if not is_loopback(address[0])}
+    assert exposed == {}, f"listening beyond loopback: {exposed}"
