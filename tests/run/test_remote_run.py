@@ -80,3 +80,20 @@ def test_export_reads_the_bucket_and_writes_to_it(remote_run):
     for key in lora:
         name = key.replace(".weight", ".default.weight")
         assert torch.equal(loaded[name].detach(), saved[key]), key
+
+
+def test_dashboard_serves_the_remote_run_from_a_mirror_without_checkpoints(remote_run, monkeypatch):
+    """``medalign dashboard s3://.../r1`` (a train run): TensorBoard gets a local mirror of the
+    run's events; the checkpoints stay in the bucket."""
+    from medalign_platform.run.filesystems import StoragePath
+    from medalign_platform.tune.dashboard import _remote_folder, find_logdir
+
+    monkeypatch.setenv("MEDALIGN_CACHE", str(remote_run["root"] / "dashboard-cache"))
+    local, _ = _remote_folder(remote_run["run"])
+    assert local.is_relative_to(remote_run["root"] / "dashboard-cache" / "remote")
+    assert find_logdir(local) == local / "tensorboard"
+    mirrored = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    remote = {name: size for name, (size, _) in StoragePath(remote_run["run"]).files().items()
+              if not name.startswith("checkpoint_")}
+    assert mirrored == sorted(remote) and any(name.startswith("tensorboard/events.") for name in mirrored)
+    assert all((local / name).stat().st_size == size for name, size in remote.items())

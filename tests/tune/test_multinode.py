@@ -108,15 +108,15 @@ def test_trials_ran_on_both_nodes_and_every_result_is_in_shared_storage(two_node
     assert complete == {tid: final["metrics"]["val/closed_accuracy"] for tid, final in finals.items()}
 
 
-def test_status_reads_the_remote_sweep_and_writes_its_results_back(two_node_sweep):
+def test_status_reads_the_remote_sweep_and_writes_its_results_back(two_node_sweep, monkeypatch, capsys):
+    """``medalign status s3://...`` (in this process: the session's S3 settings are in its environment)."""
+    from medalign_platform.cli import main
     from medalign_platform.run.filesystems import StoragePath
 
-    env = {**os.environ, **two_node_sweep["s3"].env, "MEDALIGN_CACHE": str(two_node_sweep["cache"])}
-    result = subprocess.run([sys.executable, "-m", "medalign_platform", "status", two_node_sweep["experiment"]],
-                            env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"Sweep multinode ({two_node_sweep['experiment']}): {NUM_TRIALS} trials ({NUM_TRIALS} TERMINATED)" \
-        in result.stdout
+    monkeypatch.setenv("MEDALIGN_CACHE", str(two_node_sweep["cache"]))
+    assert main(["status", two_node_sweep["experiment"]]) == 0
+    out = capsys.readouterr().out
+    assert f"Sweep multinode ({two_node_sweep['experiment']}): {NUM_TRIALS} trials ({NUM_TRIALS} TERMINATED)" in out
     experiment = StoragePath(two_node_sweep["experiment"])
     rows = (experiment / "results" / "leaderboard.csv").read_text().strip().splitlines()
     assert len(rows) == NUM_TRIALS + 1

@@ -44,7 +44,7 @@ from ..common.overrides import as_tree, parse_overrides
 from ..common.settings import Settings, setting
 from ..run.filesystems import StoragePath, is_uri, mirror
 from ..run.network import exposure_warning, local_url, public_url
-from .layout import SWEEP_SPEC_FILE, skip_when_mirroring, study_storage
+from .layout import SWEEP_SPEC_FILE, study_storage
 from .study_storage import SQLITE_FILE
 
 EVENT_PREFIX = "events.out.tfevents."
@@ -169,7 +169,13 @@ def _remote_folder(uri: str):
         return mirror_experiment(location), lambda: _build_sweep_tensorboard(uri)
     if not location.is_dir():
         raise DashboardError(f"{uri}: nothing there (no sweep.json, no run folder)")
-    return mirror(location, skip=skip_when_mirroring), lambda: mirror(location, skip=skip_when_mirroring)
+    return mirror(location, skip=_is_checkpoint), lambda: mirror(location, skip=_is_checkpoint)
+
+
+def _is_checkpoint(relative: str) -> bool:
+    """Files of a run folder that its dashboard does not need: the checkpoints (its
+    ``tensorboard/`` is what TensorBoard shows)."""
+    return any(part.startswith("checkpoint_") for part in relative.split("/"))
 
 
 def find_logdir(exp_dir: Path) -> Path:
