@@ -123,9 +123,12 @@ def _export(args) -> int:
     from .run.filesystems import is_uri
 
     out = export_run(args.path, args.out)
-    where = f"a local copy of {out} (medalign export {args.path} --out DIR)" if is_uri(out) else f"'{out}'"
-    print(f"exported to {out}: load {where} with peft.PeftModel.from_pretrained(base, DIR) "
-          "or medalign_platform.run.export.load_exported(DIR)")
+    if is_uri(out):  # peft and transformers load local folders
+        print(f"exported to {out}: to load it, export to a local folder too (medalign export {args.path} --out DIR), "
+              "then peft.PeftModel.from_pretrained(base, DIR) or medalign_platform.run.export.load_exported(DIR)")
+    else:
+        print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
+              "or medalign_platform.run.export.load_exported")
     return 0
 
 
