@@ -56,9 +56,14 @@ def test_loads_a_generated_split(synth):
         assert item["mask"].dtype == np.bool_ and item["mask"].shape == (64, 64)
         assert Path(item["image_path"]) == synth / record["image"]
     presence = [ds[i] for i in range(len(ds)) if ds.items[i].question_type == "presence"]
-    for item in presence:
-        lesion = item["mask"].any()
-        assert item["answer"] == ("yes" if lesion == (item["question"] == "is there a lesion?") else "no")
+    assert presence
+    for item in presence:   # "in the <place> quadrant, is there a lesion?": its mask is the lesion, or the empty place
+        place = item["question"].removeprefix("in the ").split(" quadrant")[0]
+        box = np.zeros((64, 64), bool)
+        box[slice(0, 32) if place.endswith("upper") else slice(32, 64),
+            slice(0, 32) if place.startswith("left") else slice(32, 64)] = True
+        assert item["mask"].any() and not (item["mask"] & ~box).any()
+        assert item["answer"] == ("no" if item["mask"].all(where=box) else "yes")
     loader = DataLoader(ds, batch_size=4, collate_fn=list)
     assert len(next(iter(loader))) == 4
 

@@ -99,7 +99,7 @@ def test_answers_in_format_and_grounding_imperfect(pretrained, val_closed):
     assert val["n_closed"] + val["n_open"] == 300
     assert val["closed_accuracy"] > 0.55 and val["closed_yes_no_rate"] >= 0.95
     assert 0.0 < val["open_recall"] <= 1.0
-    # The benchmark task (a place named, an attribute asked) is never trained on here: room
+    # The benchmark task (a place named, what is there asked) is never trained on here: room
     # for the fine-tune (v2 builds score about chance on it, docs/synthmed.md).
     assert info["task_val_zero_shot"]["closed_accuracy"] < 0.9
 

@@ -149,7 +149,8 @@ def test_records_follow_the_llava_conversation_format(dataset):
                 assert extra == set() and r["answer_type"] in {"closed", "open", "report"}
                 assert r["question_type"] in {"presence", "quadrant", "count", "report", *ATTRIBUTES}
             else:
-                assert r["answer_type"] in {"closed", "open"} and r["question_type"] in ATTRIBUTES
+                assert r["answer_type"] in {"closed", "open"}
+                assert r["question_type"] == "presence" if r["answer_type"] == "closed" else r["question_type"] in ATTRIBUTES
                 wanted = {"quadrant", "attribute", "distractor", "pooled_answer"} if r["answer_type"] == "closed" \
                     else {"quadrant", "attribute"}
                 assert extra == wanted
@@ -183,26 +184,37 @@ def test_all_text_uses_the_small_vocabulary(dataset):
     assert set(used) == set(SYNTHMED_WORDS)
 
 
-def test_task_closed_answers_are_balanced_and_every_no_names_another_lesion(dataset):
+def test_task_closed_answers_are_balanced_per_image_and_need_the_named_place(dataset):
     _, _, task, annotations = dataset
     closed = [r for r in _all(task) if r["answer_type"] == "closed"]
     assert len(closed) >= 60
-    answers = [r["conversations"][1]["value"] for r in closed]
-    assert set(answers) == {"yes", "no"} and 0.35 <= answers.count("yes") / len(answers) <= 0.65
+    by_image = {}
     for r in closed:
-        lesions = annotations[r["image_id"]]["lesions"]
-        assert len(lesions) >= 2
-        value = re.fullmatch(r"in the (\w+ \w+) quadrant, is the lesion (\w+)\?",
-                             r["conversations"][0]["value"].removeprefix("<image>\n")).group(2)
-        others = {les[r["attribute"]] for les in lesions if les["quadrant"] != r["quadrant"]}
-        if r["conversations"][1]["value"] == "no":
-            assert r["distractor"] == (value in others)
-        else:
-            assert not r["distractor"]
-        assert r["pooled_answer"] == ("yes" if any(les[r["attribute"]] == value for les in lesions) else "no")
-    # a reader of the whole image that ignores the place is at chance at best
-    assert sum(r["pooled_answer"] == r["conversations"][1]["value"] for r in closed) / len(closed) < 0.6
-    assert sum(r["distractor"] for r in closed) / answers.count("no") > 0.9
+        by_image.setdefault(r["image_id"], []).append(r)
+        held = {les["quadrant"] for les in annotations[r["image_id"]]["lesions"]}
+        assert held and r["conversations"][0]["value"] == f"<image>\nin the {r['quadrant']} quadrant, is there a lesion?"
+        assert r["conversations"][1]["value"] == ("yes" if r["quadrant"] in held else "no")
+        assert r["pooled_answer"] == "yes" and r["attribute"] == "presence"
+        assert r["distractor"] == (r["conversations"][1]["value"] == "no")
+    # every image with a lesion: one "yes" and one "no" (in either order, about two places)
+    with_lesions = {i for split in task.values() for i in {r["image_id"] for r in split}}
+    assert set(by_image) == {i for i in with_lesions if annotations[i]["lesions"]}
+    for records in by_image.values():
+        assert sorted(r["conversations"][1]["value"] for r in records) == ["no", "yes"]
+        assert records[0]["quadrant"] != records[1]["quadrant"]
+    assert {tuple(r["conversations"][1]["value"] for r in rs) for rs in by_image.values()} == {("yes", "no"), ("no", "yes")}
+    # a reader of the whole image ("is there a lesion anywhere?") is at chance
+    assert sum(r["pooled_answer"] == r["conversations"][1]["value"] for r in closed) / len(closed) == 0.5
+
+
+def test_task_open_questions_ask_each_lesion_of_multi_lesion_images(dataset):
+    _, _, task, annotations = dataset
+    opened = [r for r in _all(task) if r["answer_type"] == "open"]
+    assert opened
+    for image_id in {r["image_id"] for r in opened}:
+        lesions = annotations[image_id]["lesions"]
+        asked = [r["quadrant"] for r in opened if r["image_id"] == image_id]
+        assert len(lesions) >= 2 and sorted(asked) == sorted(les["quadrant"] for les in lesions)
 
 
 def test_every_answer_agrees_with_the_masks_and_annotations(dataset):
@@ -216,15 +228,20 @@ def test_every_answer_agrees_with_the_masks_and_annotations(dataset):
         answer = r["conversations"][1]["value"]
         qtype, atype = r["question_type"], r["answer_type"]
         relevant = np.asarray(Image.open(root / r["mask"])) > 0
-        if "quadrant" in r:   # a task question: about the lesion in the named place, and its mask is that lesion
-            (lesion,) = [les for les in lesions if les["quadrant"] == r["quadrant"]]
-            assert np.array_equal(relevant, t["labels"] == lesion["label"])
+        if "quadrant" in r:   # a task question: its mask is the lesion in the named place, or the empty place
+            there = [les for les in lesions if les["quadrant"] == r["quadrant"]]
             assert question.startswith(f"in the {r['quadrant']} quadrant, ")
-            if atype == "open":
-                assert question.endswith(f"what is the {qtype} of the lesion?") and answer == lesion[qtype]
+            if there:
+                assert np.array_equal(relevant, t["labels"] == there[0]["label"])
             else:
-                value = question.removesuffix("?").split()[-1]
-                assert value in ATTRIBUTES[qtype] and answer == ("yes" if lesion[qtype] == value else "no")
+                rows, cols = np.nonzero(relevant)
+                half = relevant.shape[0] // 2
+                assert relevant.sum() == half * half and (rows < half).all() == r["quadrant"].endswith("upper")
+                assert (cols < half).all() == r["quadrant"].startswith("left")
+            if atype == "open":
+                assert question.endswith(f"what is the {qtype} of the lesion?") and answer == there[0][qtype]
+            else:
+                assert question.endswith("is there a lesion?") and answer == ("yes" if there else "no")
         elif qtype == "presence":
             assert question == "is there a lesion?" and answer == ("yes" if k else "no")
         elif qtype == "count":

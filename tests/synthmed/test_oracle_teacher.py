@@ -58,12 +58,18 @@ def test_similarity_target_is_a_lesion_background_block_structure():
     assert mapped[[0, 1]].tolist() == [1.0, 1.0] and mapped.sum() == pytest.approx(2.0)
 
 
-def test_relevant_region_is_the_lesion_in_the_named_quadrant():
+def test_relevant_region_is_the_lesion_in_the_named_quadrant_or_the_empty_quadrant():
     labels = _labels()     # lesion 1 in the left upper quadrant, lesion 2 in the right lower
-    assert np.array_equal(relevant_region(labels, "in the left upper quadrant, is the lesion small?"), labels == 1)
+    assert np.array_equal(relevant_region(labels, "in the left upper quadrant, is there a lesion?"), labels == 1)
     assert np.array_equal(relevant_region(labels, "in the right lower quadrant, what is the size of the lesion?"),
                           labels == 2)
-    assert not relevant_region(labels, "in the right upper quadrant, is the lesion faint?").any()
+    empty = relevant_region(labels, "in the right upper quadrant, is there a lesion?")   # answered "no" there
+    half = labels.shape[0] // 2
+    expected = np.zeros_like(empty)
+    expected[:half, half:] = True
+    assert np.array_equal(empty, expected)
+    _, attention = oracle_targets(labels, empty, (4, 4))
+    assert np.allclose(attention.reshape(4, 4), np.pad(np.full((2, 2), 0.25), ((0, 2), (2, 0))))
     assert np.array_equal(relevant_region(labels, "how many lesions are there?"), labels > 0)
 
 

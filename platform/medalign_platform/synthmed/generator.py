@@ -1,4 +1,4 @@
-"""SynthMed: the platform's embedded synthetic grounding benchmark (version 2).
+"""SynthMed: the platform's embedded synthetic grounding benchmark (version 3).
 
 Every image is a small "scan" (chest-film-like: an elliptical body with low-frequency
 texture, two darker lung fields, a spine band, a heart shadow, soft rib arcs and pixel
@@ -6,12 +6,15 @@ noise) holding 0 to 3 lesions, each entirely inside its own quadrant, at least t
 away from both midlines, so every location is unambiguous. A lesion has a shape (round,
 oval, elongated, irregular), a size (small, medium, large) and a contrast (bright, faint);
 the lesions of one image take *different* values of each attribute where the attribute
-has enough values, so that a question about one lesion has a distractor in the others.
+has enough values, so that naming one lesion's value needs looking at that lesion.
 
 Text (:mod:`.questions`): the base model's pre-training corpus (reports and image-level
 questions, ``pretrain_<split>.json``) and the benchmark task (``<split>.json``):
-location-conditioned questions ("in the left upper quadrant, is the lesion round?") whose
-"no" answers name another lesion's value, so only looking at the named place answers them.
+location-conditioned questions: closed "in the left upper quadrant, is there a lesion?"
+(one "yes", one "no" per image with a lesion, so a reader that pools the image scores 1/2)
+and open "in the left upper quadrant, what is the size of the lesion?", so only looking at
+the named place answers them. Version 3 changed only the task (version 2 asked closed
+attribute questions the tiny student never learned; docs/synthmed.md).
 
 Conventions
 -----------
@@ -22,8 +25,10 @@ Conventions
 * ``masks/<image_id>.png``: 8-bit label mask, same size as the image: 0 = background,
   ``i`` = the ``i``-th lesion (1..k). ``masks/<image_id>-<labels>.png`` (e.g. ``-2``,
   ``-13``): binary (0/255) mask of just those lesions. A record's ``mask`` is the region
-  its question is about: the one named lesion for a task question, the lesions an
-  image-level question concerns otherwise (all of them when none is singled out).
+  its question is about: the lesion in the quadrant a task question names, or
+  ``masks/<image_id>-<lu|ru|ll|rl>.png`` (0/255, the whole quadrant) when that quadrant
+  is empty; the lesions an image-level question concerns otherwise (all of them when
+  none is singled out).
 * ``SYNTHMED_WORDS`` holds every word used in any question, answer or report; the only
   other characters are ``SYNTHMED_PUNCTUATION`` and spaces (after the ``"<image>\\n"``
   prefix of each question).
@@ -38,7 +43,7 @@ and IU-Xray files, so one loader,
         {"id", "image_id", "image": "images/<id>.png", "mask": "masks/<id>-<label>.png",
          "conversations": [{"from": "human", "value": "<image>\\n<question>"},
                            {"from": "gpt", "value": "<answer>"}],
-         "answer_type": "closed" | "open", "question_type": "shape" | "size" | "contrast",
+         "answer_type": "closed" | "open", "question_type": "presence" | "size" | "contrast",
          "quadrant", "attribute", and for closed questions "distractor", "pooled_answer"}
     out_dir/pretrain_<split>.json          the pre-training corpus (same record format;
                                            answer_type "report" for the reports)
@@ -117,7 +122,7 @@ __all__ = [
 ]
 
 #: Bump whenever the generator's output (pixels, text, layout) changes.
-SYNTHMED_VERSION = 2
+SYNTHMED_VERSION = 3
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 5000, "val": 500, "test": 500}
@@ -365,10 +370,26 @@ def _generate_chunk(root: str, seed: int, split: str, indices: Sequence[int], si
                 written[which] = rel
             return written[which]
 
+        def region_for(question) -> str:
+            """A task question about an empty quadrant concerns the quadrant itself."""
+            if question[4] or "quadrant" not in question[5]:
+                return mask_for(question[4])
+            quadrant = question[5]["quadrant"]
+            rel = f"masks/{image_id}-{''.join(word[0] for word in quadrant.split())}.png"   # e.g. -lu
+            if rel not in written.values():
+                half = size // 2   # the whole quadrant, as the oracle teacher reads it
+                rows = slice(0, half) if quadrant.endswith("upper") else slice(half, size)
+                cols = slice(0, half) if quadrant.startswith("left") else slice(half, size)
+                box = np.zeros_like(labels)
+                box[rows, cols] = 255
+                Image.fromarray(box).save(root_path / rel, **_PNG)
+                written[(quadrant,)] = rel
+            return rel
+
         pretrain = [_record(image_id, image_rel, mask_for(q[4]), q) for q in pretrain_questions(text_rng, facts)]
         # Task questions draw from their own stream, so the corpus does not depend on them.
         task_rng = np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_CODE[split], index, 1]))
-        task = [_record(image_id, image_rel, mask_for(q[4]), q) for q in task_questions(task_rng, facts)]
+        task = [_record(image_id, image_rel, region_for(q), q) for q in task_questions(task_rng, facts)]
         if split == "train" and index >= task_images:
             task = []
         annotation = {"id": image_id, "image": image_rel, "mask": label_rel, "lesions": []}
@@ -425,7 +446,7 @@ def _answers(records: list[dict], answer_type: str) -> list[str]:
 
 def _task_figures(records: list[dict]) -> dict:
     """Answer balance and the accuracy of two readers that never route: always "no", and
-    answering the image-level question ("is there a <value> lesion anywhere?")."""
+    answering the image-level question ("is there a lesion anywhere?", ``pooled_answer``)."""
     closed = [r for r in records if r["answer_type"] == "closed"]
     if not closed:
         return {"closed": 0}

@@ -9,8 +9,10 @@ maps), so the same objective, losses and target cache serve it:
 * **attention**, per (image, question) (``teacher.attention=prompt_aware``, the platform's
   question-conditioned targets, cached per image and question): each grid cell's share of
   the area of the lesion the question names ("in the left upper quadrant, ..." -> the
-  lesion in that quadrant; every SynthMed lesion lies inside one quadrant). A question
-  that names no quadrant points at every lesion; a lesion-free region gives a uniform map.
+  lesion in that quadrant; every SynthMed lesion lies inside one quadrant), or the whole
+  quadrant when it holds none ("in the right lower quadrant, is there a lesion?" -> "no"
+  is read there). A question that names no quadrant points at every lesion; an image
+  without lesions, asked about none, gives a uniform map.
   With ``teacher.attention=cls`` the per-image map points at every lesion;
 * **patch tokens** ``[h*w, 1 + MAX_LESIONS]``: per cell, the fraction of its pixels that
   are background, lesion 1, lesion 2, lesion 3 (from the image's label mask). Their
@@ -48,7 +50,7 @@ __all__ = ["MAX_LESIONS", "ORACLE_GRID", "ORACLE_VERSION", "OracleTeacher", "bui
            "oracle_targets", "relevant_region"]
 
 #: Bump when the target definition changes: it is part of the cache identity.
-ORACLE_VERSION = "synthmed-oracle/v2:named-lesion-area-share,label-fraction-tokens"
+ORACLE_VERSION = "synthmed-oracle/v3:named-lesion-or-empty-quadrant-area-share,label-fraction-tokens"
 MAX_LESIONS = 3
 #: The SynthMed student's visual grid (64 px images, 8 px patches).
 ORACLE_GRID = (8, 8)
@@ -70,10 +72,11 @@ def _cell_sums(values: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def relevant_region(labels: np.ndarray, question: str | None) -> np.ndarray:
-    """``[S, S]`` bool: the lesion pixels a question is about.
+    """``[S, S]`` bool: the pixels a question is about.
 
-    The quadrant the question names (viewer's left = columns ``< S/2``, upper = rows
-    ``< S/2``); every lesion when it names none (or ``question`` is None).
+    The lesion pixels in the quadrant the question names (viewer's left = columns
+    ``< S/2``, upper = rows ``< S/2``), or that whole quadrant when it holds no lesion;
+    every lesion when it names none (or ``question`` is None).
     """
     lesions = labels > 0
     match = _NAMED_QUADRANT.search(question or "")
@@ -85,6 +88,8 @@ def relevant_region(labels: np.ndarray, question: str | None) -> np.ndarray:
     r = slice(0, rows // 2) if quadrant.endswith("upper") else slice(rows // 2, rows)
     c = slice(0, cols // 2) if quadrant.startswith("left") else slice(cols // 2, cols)
     region[r, c] = lesions[r, c]
+    if not region.any():   # an empty quadrant: the answer ("no") is read from the place itself
+        region[r, c] = True
     return region
 
 

@@ -7,17 +7,24 @@ Two kinds of text are written for every image (see ``generator.py`` for the file
   image ("two lesions: a large round bright lesion in the left upper quadrant and ..."),
   presence, count and where the lesions are, and on single-lesion images the lesion's
   shape, size and contrast. None of them names a place and asks what is there.
-* **Benchmark task** (``<split>.json``): location-conditioned attribute questions on
-  images with two or more lesions, one closed and one open per lesion: "in the left upper quadrant, is the lesion round?",
-  "in the left upper quadrant, what is the shape of the lesion?". A closed question asks
-  about the lesion's true value or, for a "no", about the value of *another lesion in the
-  same image* whenever one differs (a distractor), so a reader that pools the whole image
-  ("is there a round lesion anywhere?") is wrong on those. Answering needs looking at the
-  named place: attention routes the answer.
+* **Benchmark task** (``<split>.json``): location-conditioned questions. Closed: on every
+  image with a lesion, "in the left upper quadrant, is there a lesion?" once about a
+  quadrant that holds one ("yes") and once about an empty quadrant ("no"; SynthMed images
+  hold at most three lesions, so one always exists). A reader that pools the whole image
+  ("is there a lesion anywhere?") answers "yes" to both, so it scores 1/2, as do
+  always-"no" and the question text alone. Open, on images with two or more lesions, per
+  lesion: "in the left upper quadrant, what is the size of the lesion?", whose answer is
+  that lesion's value and differs from the other lesions' values where the attribute has
+  enough of them. Answering needs looking at the named place: attention routes the answer.
 
-Every record carries ``mask``: the region the question is about (the one lesion a task
-question names; every lesion for image-level questions), which the grounding measures
-and the oracle teacher read. Closed answers are balanced (P(yes) = 1/2).
+  Version 2 asked closed attribute questions ("in the left upper quadrant, is the lesion
+  faint?") instead; the tiny student never learned to answer them, not even fully
+  fine-tuned on 15k such questions (train accuracy 0.52, docs/synthmed.md), while it
+  learns the presence questions (LoRA: 0.96 after 1000 steps).
+
+Every record carries ``mask``: the region the question is about (the lesion in the
+quadrant a task question names, or that quadrant itself when it is empty; every lesion
+for image-level questions), which the grounding measures and the oracle teacher read. Closed answers are balanced (P(yes) = 1/2).
 """
 
 from __future__ import annotations
@@ -137,35 +144,35 @@ def pretrain_questions(rng: np.random.Generator, lesions: Sequence[LesionFacts])
 
 
 def task_questions(rng: np.random.Generator, lesions: Sequence[LesionFacts]) -> list[Question]:
-    """The benchmark task: per lesion, one closed and one open location-conditioned question.
+    """The benchmark task for one image: location-conditioned questions.
 
-    Only images with two or more lesions are asked (with one lesion there is nothing to
-    pick out), so a "no" almost always names another lesion's value.
+    Closed (images with a lesion): "is there a lesion?" about one quadrant holding a lesion
+    ("yes") and one empty quadrant ("no"), in random order. Open (images with two or more
+    lesions): per lesion, its size or contrast, asked by its quadrant.
 
-    The extra fields of a closed question: ``quadrant``, ``attribute``, ``distractor``
-    (its "no" value is another lesion's value) and ``pooled_answer`` (what a reader that
-    pools the whole image, "is there a <value> lesion?", would answer).
+    Extra fields: ``quadrant`` (the place the question names) and ``attribute``
+    (``presence``, ``size`` or ``contrast``); closed questions also ``distractor`` (a "no"
+    whose image holds lesions elsewhere: always, by construction) and ``pooled_answer``
+    (what a reader that pools the whole image answers: "yes"). A "no" question's mask
+    labels are empty: its region is the named quadrant (``generator.py`` writes that mask).
     """
     out: list[Question] = []
+    if not lesions:
+        return out
+    held = {lesion.quadrant: lesion for lesion in lesions}
+    empty = [quadrant for quadrant in QUADRANTS if quadrant not in held]
+    full = _pick(rng, [quadrant for quadrant in QUADRANTS if quadrant in held])
+    closed = [(full, "yes", (held[full].label,)), (_pick(rng, empty), "no", ())]
+    if rng.random() < 0.5:
+        closed.reverse()
+    for quadrant, answer, labels in closed:
+        out.append(("presence", "closed", f"in the {quadrant} quadrant, is there a lesion?", answer, labels,
+                    {"quadrant": quadrant, "attribute": "presence", "distractor": answer == "no",
+                     "pooled_answer": "yes"}))
     if len(lesions) < 2:
         return out
     for lesion in lesions:
-        place = f"in the {lesion.quadrant} quadrant"
         attribute = _pick(rng, list(ATTRIBUTES))
-        values, true = ATTRIBUTES[attribute], lesion.value(attribute)
-        others = sorted({o.value(attribute) for o in lesions if o is not lesion and o.value(attribute) != true},
-                        key=values.index)
-        if rng.random() < P_YES:
-            value, answer, distractor = true, "yes", False
-        elif others:
-            value, answer, distractor = _pick(rng, others), "no", True
-        else:
-            value, answer, distractor = _pick(rng, [v for v in values if v != true]), "no", False
-        pooled = "yes" if any(o.value(attribute) == value for o in lesions) else "no"
-        extra = {"quadrant": lesion.quadrant, "attribute": attribute, "distractor": distractor,
-                 "pooled_answer": pooled}
-        out.append((attribute, "closed", f"{place}, is the lesion {value}?", answer, (lesion.label,), extra))
-        attribute = _pick(rng, list(ATTRIBUTES))
-        out.append((attribute, "open", f"{place}, what is the {attribute} of the lesion?", lesion.value(attribute),
-                    (lesion.label,), {"quadrant": lesion.quadrant, "attribute": attribute}))
+        out.append((attribute, "open", f"in the {lesion.quadrant} quadrant, what is the {attribute} of the lesion?",
+                    lesion.value(attribute), (lesion.label,), {"quadrant": lesion.quadrant, "attribute": attribute}))
     return out
