@@ -196,8 +196,10 @@ def example_grid(data_dir: Path, out: Path, count: int = 8) -> None:
         labels = np.asarray(Image.open(data_dir / "masks" / f"{image_id}.png"))
         axis.imshow(image)
         axis.contour(labels > 0, levels=[0.5], colors="red", linewidths=1.0)
-        lines = [f"Q: {r['conversations'][0]['value'].replace(chr(60) + 'image>' + chr(10), '')}  "
-                 f"A: {r['conversations'][1]['value']}" for r in items[:4]]
+        lines = []
+        for r in items[:4]:   # wrapped like the report, so no line runs into the next panel
+            question = r["conversations"][0]["value"].replace("<image>\n", "")
+            lines += textwrap.wrap(f"Q: {question}  A: {r['conversations'][1]['value']}", 60, subsequent_indent="   ")
         lines += textwrap.wrap(f"Report: {reports.get(image_id, '')}", 60)
         axis.text(0.0, -0.03, "\n".join(lines), transform=axis.transAxes, va="top", fontsize=6.5, family="monospace")
         axis.set_title(image_id, fontsize=8)
