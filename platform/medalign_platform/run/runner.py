@@ -3,8 +3,14 @@
 A Ray Train worker (:mod:`medalign_platform.run.ray_train`) and an inline sweep trial
 (:mod:`medalign_platform.tune.trial`) both call :func:`run_in_process`. It gives the loop
 a scratch folder for checkpoints, the rank-0 TensorBoard logger, the test fault hook, and
-a ``report`` that deletes each reported checkpoint folder once the caller's own report
-(Ray Train's or Tune's, which persist it) has returned.
+a ``report`` that seals each checkpoint (its manifest then covers the predictions the loop
+added) and deletes the folder once the caller's own report (Ray Train's or Tune's, which
+persist it) has returned.
+
+A resumed run purges its TensorBoard events after the step it resumes from (and a run
+restarted from scratch all earlier ones), so steps logged by a process that died before
+its next checkpoint are not shown twice. With ``run.console_log`` set (a sweep sets one per
+trial) the process's stdout and stderr go to that file for the duration of the run.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from ..common.console import output_to_file
+from .checkpoint import checkpoint_step, seal_checkpoint
 from .loop import RunContext, run_training
 from .settings import RunSettings
 
@@ -60,21 +68,34 @@ def run_in_process(config: Mapping | RunSettings, report: Callable[[dict, Path |
     scratch = Path(tempfile.mkdtemp(prefix=f"medalign-rank{rank}-"))
 
     def report_then_delete(metrics: dict, checkpoint_dir: Path | None) -> None:
+        if checkpoint_dir is not None:
+            seal_checkpoint(checkpoint_dir)  # the loop wrote predictions.json after saving
         report(metrics, checkpoint_dir)
         if checkpoint_dir is not None:  # persisted by the caller's report
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
 
     logger = None
-    try:
-        resume_from = resume(scratch) if resume is not None else None
-        if rank == 0 and settings.tensorboard.enabled:
-            from .tb_logger import RunLogger
+    with output_to_file(console_log_path(settings.run.console_log, rank)):
+        try:
+            resume_from = resume(scratch) if resume is not None else None
+            if rank == 0 and settings.tensorboard.enabled:
+                from .tb_logger import RunLogger
 
-            logger = RunLogger(Path(settings.run.log_dir), settings.to_dict())
-        return run_training(settings, RunContext(
-            report=report_then_delete, resume_from=resume_from, rank=rank, world_size=world_size, device=device,
-            scratch_dir=scratch, logger=logger, after_step=kill_hook(rank)))
-    finally:
-        if logger is not None:
-            logger.close()
-        shutil.rmtree(scratch, ignore_errors=True)
+                # Events after the resumed step (or all, from scratch) belong to a process that died.
+                purge_step = checkpoint_step(resume_from) + 1 if resume_from is not None else 0
+                logger = RunLogger(Path(settings.run.log_dir), settings.to_dict(), purge_step=max(purge_step, 0))
+            return run_training(settings, RunContext(
+                report=report_then_delete, resume_from=resume_from, rank=rank, world_size=world_size, device=device,
+                scratch_dir=scratch, logger=logger, after_step=kill_hook(rank)))
+        finally:
+            if logger is not None:
+                logger.close()
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def console_log_path(path: str | None, rank: int) -> Path | None:
+    """``run.console_log`` for this rank: the file itself for rank 0, ``<stem>-rank<N><suffix>`` beside it."""
+    if not path:
+        return None
+    path = Path(path)
+    return path if rank == 0 else path.with_name(f"{path.stem}-rank{rank}{path.suffix}")

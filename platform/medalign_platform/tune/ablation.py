@@ -59,6 +59,8 @@ class AblationOptions(Settings):
     output_dir: str = setting("sweeps", "The folder name lives in.")
     max_concurrent: int | None = setting(None, "Trials at once (default: the sweep's).", ge=1)
     executor: Literal["auto", "train", "inline"] | None = setting(None, "auto | train | inline (default: the sweep's).")
+    allow_test_selection: bool = setting(False, "Allow ablation.metric on test/* (picking the best layer on the test "
+                                                "split makes its score an optimistic estimate).")
 
     def check(self) -> None:
         metric = self.metric
@@ -222,6 +224,10 @@ def plan_ablation(request: AblationRequest) -> AblationPlan:
         raise ConfigError("ablate-layers needs layers=[...], the distillation layers to compare, e.g. layers=[1,2,3]")
     seeds = list(DEFAULT_SEEDS) if seeds is None else seeds
     options = AblationOptions.from_dict({**recorded, **request.options})
+    if options.metric.startswith("test/") and not options.allow_test_selection:
+        raise ConfigError(f"ablation.metric={options.metric} picks the best layer on the test split, which makes its "
+                          f"test score an optimistic estimate; use val/{options.metric.split('/', 1)[1]}, or pass "
+                          f"ablation.allow_test_selection=true to do it anyway")
     if options.metric.startswith("test/") and not base.trainer.test_size > 0:
         raise ConfigError(f"ablation.metric={options.metric}: test metrics need trainer.test_size>0 (the test split "
                           f"is evaluated once, at the end of each trial)")

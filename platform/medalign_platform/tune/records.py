@@ -15,19 +15,33 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..common.keys import get_flat, has_flat
-from .layout import FINAL_FILE, META_KEY, load_spec, study_url, trial_folder
+from .layout import FINAL_FILE, META_KEY, load_spec, study_url, sweep_running, trial_folder
 from .settings import SweepPlan
 from .trial import scalars, trial_run_config
 
 
-def live_records(records: Sequence[dict]) -> list[dict]:
-    """Trial records with the status a running sweep really has.
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def live_records(records: Sequence[dict], running: bool = True) -> list[dict]:
+    """Trial records with the status the sweep really has, the same in the summary and the leaderboard.
 
     Tune's saved experiment state turns RUNNING trials into PENDING when it is loaded (ready
-    to be restarted), so a PENDING trial that has already reported a result is running.
+    to be restarted). An unfinished trial that has reported a result is ``RUNNING`` while
+    the sweep's driver runs and ``INTERRUPTED`` once it has stopped (``resume=true``
+    continues it); one without a result is ``PENDING``.
+
+    Args:
+        running: whether the sweep driver is running (:func:`~.layout.sweep_running`).
     """
-    return [{**r, "status": "RUNNING"} if r["status"] == "PENDING" and r["metrics"].get("step") is not None else r
-            for r in records]
+    out = []
+    for record in records:
+        if record["status"] in UNFINISHED or record["status"] == "INTERRUPTED":
+            started = record["metrics"].get("step") is not None
+            status = ("RUNNING" if running else "INTERRUPTED") if started else "PENDING"
+            record = {**record, "status": status}
+        out.append(record)
+    return out
 
 
 def finite_number(value: Any) -> int | float | None:
@@ -106,19 +120,24 @@ def _overhead(records: list[dict], config: dict) -> dict:
     }
 
 
-def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: bool = False) -> dict:
+def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: bool = False,
+              running: bool | None = None) -> dict:
     """The sweep's summary from its folder: trial counts, the best trial, the study.
 
     Safe to call on a running sweep (``medalign status``). ``close_orphans`` (the driver,
     after ``fit`` returned) marks study trials still RUNNING as FAIL: a driver killed after
-    asking Optuna for a trial but before Tune saved it leaves them behind.
+    asking Optuna for a trial but before Tune saved it leaves them behind. Trial statuses
+    are :func:`live_records`' (``running``: whether the driver runs; default: read from
+    ``driver.json``).
     """
     import optuna
 
     experiment_dir = Path(experiment_dir)
     spec = load_spec(experiment_dir)
     settings = SweepPlan(**spec["settings"])
-    records = trial_records(experiment_dir)
+    if running is None:
+        running = sweep_running(experiment_dir)
+    records = live_records(trial_records(experiment_dir), running)
     counts: dict[str, int] = {}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -137,7 +156,7 @@ def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: 
     storage = optuna.storages.RDBStorage(study_url(experiment_dir), engine_kwargs={"connect_args": {"timeout": 60}})
     study = optuna.load_study(study_name=settings.name, storage=storage)
     # Optuna trials asked by a driver that was killed before Tune saved them never finish: mark them.
-    live = counts.get("RUNNING", 0) + counts.get("PENDING", 0)
+    live = counts.get("RUNNING", 0) + counts.get("PENDING", 0) + counts.get("INTERRUPTED", 0)
     if close_orphans and live == 0:
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)

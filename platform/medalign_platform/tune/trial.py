@@ -14,8 +14,12 @@ rules), points the run at the trial's folder, and trains with
 Either way only evaluation reports reach Tune (it needs the searched metric in every result;
 training scalars go to the trial's TensorBoard), ``final.json`` records the final metrics
 before the last report (ASHA may stop a trial at its last rung), and a restarted trial
-(a resumed sweep) continues from its newest complete checkpoint or replays its recorded
-final metrics when its training had already finished.
+(a resumed sweep) continues from its newest complete checkpoint (verified against its
+manifest's checksums) or replays its recorded final metrics when its training had already
+finished. A restarted inline trial never writes into an existing checkpoint folder: Tune
+numbers checkpoints from the index its last saved state knew, which can be behind the
+folders on disk, so the trial moves its index past them first. With a quiet console
+(``sweep.verbose`` < 2) everything the trial's processes print goes to ``trial.log``.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ from pathlib import Path
 
 from ..common.atomic import write_json_atomic
 from ..common.keys import flatten
-from ..run.checkpoint import checkpoint_step
-from .layout import FINAL_FILE, MANIFEST_FILE, META_KEY, TRAIN_RUN_NAME, trial_folder
+from ..run.checkpoint import checkpoint_step, complete_checkpoints, seal_checkpoint
+from .layout import FINAL_FILE, META_KEY, TRAIN_RUN_NAME, TRIAL_LOG, trial_folder
 from .search_space import Rule, apply_rules
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ def trial_base_config(base_config: dict, plan, space) -> dict:
         "experiment_dir": str(plan.experiment_dir),
         "executor": plan.executor,
         "rules": [rule.to_dict() for rule in space.rules.values()],
+        "console_log": plan.verbose < 2,  # quiet console: the trial's output goes to trial.log
     }
     return config
 
@@ -70,6 +75,8 @@ def trial_run_config(trial_config: dict, trial_dir: Path) -> dict:
                          [Rule.from_dict(item) for item in meta.get("rules", [])])
     config["run"] = {**config.get("run", {}), "output_dir": str(trial_dir), "name": TRAIN_RUN_NAME,
                      "log_dir": str(trial_dir / "tensorboard")}
+    if meta.get("console_log"):
+        config["run"]["console_log"] = str(trial_dir / TRIAL_LOG)
     return config
 
 
@@ -178,10 +185,13 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
 
     max_steps = settings.trainer.max_steps
     checkpoint = ray.tune.get_checkpoint()
+    skip_existing_checkpoint_names(Path(settings.run.output_dir))
     # Tune restores a trial from the checkpoint its last saved experiment state names, which
     # can be seconds behind (a killed driver); the trial folder may hold a newer complete one.
     newest = newest_trial_checkpoint(Path(settings.run.output_dir))
     tune_step = checkpoint_step(Path(checkpoint.path)) if checkpoint is not None else -1
+    if checkpoint is not None and Path(checkpoint.path).is_dir() and not _complete(Path(checkpoint.path)):
+        checkpoint, tune_step = None, -1  # half-written: the newest complete one (or none) is used instead
     local = None
     if newest is not None and newest[0] > tune_step:
         logger.info("resuming from %s (step %d), newer than Tune's restored checkpoint", newest[1], newest[0])
@@ -207,7 +217,7 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
         tune_checkpoint = None
         if checkpoint_dir is not None:
             (checkpoint_dir / "metrics.json").write_text(json.dumps(scalars(metrics)))
-            write_manifest(checkpoint_dir)
+            seal_checkpoint(checkpoint_dir)  # the manifest now covers metrics.json too
             tune_checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir))
         ray.tune.report(metrics, checkpoint=tune_checkpoint)
 
@@ -216,31 +226,45 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
     return scalars(metrics), False
 
 
-def write_manifest(checkpoint_dir: Path) -> None:
-    """``manifest.json``: the size of every file of a checkpoint, to tell a complete copy from a partial one."""
-    files = {str(p.relative_to(checkpoint_dir)): p.stat().st_size for p in checkpoint_dir.rglob("*") if p.is_file()}
-    (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps(files))
-
-
 def newest_trial_checkpoint(trial_dir: Path) -> tuple[int, Path] | None:
     """The highest-step complete Tune checkpoint in an inline trial's folder, as (step, path).
 
-    Complete means every file of its manifest is there with its recorded size: a driver
-    killed while Tune was copying a checkpoint leaves a partial folder, which is skipped.
+    Complete means every file of its manifest is there with its recorded size and SHA-256:
+    a driver killed while Tune was copying a checkpoint leaves a partial folder, and a
+    folder rewritten in place can hold old and new files side by side; both are skipped
+    (with a warning).
     """
-    best = None
-    for folder in trial_dir.glob("checkpoint_*"):
-        try:
-            manifest = json.loads((folder / MANIFEST_FILE).read_text())
-        except (OSError, ValueError):
-            continue
-        if not all((folder / name).is_file() and (folder / name).stat().st_size == size
-                   for name, size in manifest.items()):
-            continue
-        step = checkpoint_step(folder)
-        if step >= 0 and (best is None or step > best[0]):
-            best = (step, folder)
-    return best
+    found = [pair for pair in complete_checkpoints(trial_dir, "checkpoint_*") if pair[0] >= 0]
+    return max(found, key=lambda pair: pair[0]) if found else None
+
+
+def _complete(folder: Path) -> bool:
+    from ..run.checkpoint import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(folder)
+        return True
+    except CheckpointError as error:
+        logger.warning("Tune's restored checkpoint is not usable: %s", error)
+        return False
+
+
+def skip_existing_checkpoint_names(trial_dir: Path) -> None:
+    """Moves Tune's checkpoint counter of this trial past the ``checkpoint_<index>`` folders on disk.
+
+    A resumed trial starts counting at the index of the experiment state Tune saved last,
+    which can be behind what the killed run had written; its next checkpoint would then be
+    copied file by file over an existing folder.
+    """
+    from ray.train._internal.session import get_session
+
+    storage = getattr(get_session(), "storage", None)
+    indices = [int(p.name.split("_", 1)[1]) for p in trial_dir.glob("checkpoint_*")
+               if p.name.split("_", 1)[1].isdigit()]
+    if storage is not None and indices and storage.current_checkpoint_index < max(indices):
+        logger.info("checkpoint index %d -> %d: %s already holds later checkpoints", storage.current_checkpoint_index,
+                    max(indices), trial_dir)
+        storage.current_checkpoint_index = max(indices)
 
 
 def _recorded_final_metrics(run_dir: Path, max_steps: int) -> dict | None:
