@@ -68,7 +68,7 @@ class AblationOptions(Settings):
             self.fail("metric", f"={metric!r} must be an evaluation metric like val/closed_accuracy, val/grounding "
                                 f"or test/closed_accuracy")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
-            self.fail("name", f"={self.name!r} must be a plain folder name")
+            self.fail("name", f"must be a plain folder name (no '/', '.' or '..'), got {self.name!r}")
 
 
 @dataclass

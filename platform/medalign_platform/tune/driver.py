@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Sequence
@@ -41,8 +42,6 @@ from ..common.keys import tune_key
 from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, load_spec, read_driver_state,
                      trial_dirname, trial_folder, write_driver_state)
 from .outcome import interruptible
-from .progress import SweepProgress, driver_console
-from .result_log import DISABLE_TUNE_LOGGERS_ENV, TrialResultLog
 from .search_space import SearchSpace, load_search_space
 from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan
 from .trial import sweep_trial, trial_base_config
@@ -52,6 +51,8 @@ logger = logging.getLogger(__name__)
 TRIAL_ACTOR_MEMORY = 2**20            # bytes of Ray's memory resource held by each Ray Train trial actor
 TUNE_STATE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"  # how often Tune saves its experiment state
 TUNE_STATE_PERIOD_S = "1"
+DISABLE_TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+RESULT_FILES = ("result.json", "progress.csv", "params.json")  # tune/result_log.py writes them
 
 
 def prepare_sweep(request: SweepRequest | Sequence[str], base=None):
@@ -129,10 +130,12 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
             "search_file": space.source, "config_overrides": plan.config_overrides,
         })
 
+    from .progress import driver_console
+
     write_driver_state(experiment_dir, "running")
-    with driver_console(experiment_dir / DRIVER_LOG, plan.verbose) as driver_log, interruptible() as interruption:
+    with driver_console(experiment_dir / DRIVER_LOG, plan.verbose) as console, interruptible() as interruption:
         try:
-            summary = _launch(plan, space, base, base_config, restorable, interruption)
+            summary = _launch(plan, space, base, base_config, restorable, interruption, console)
         except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM, or one before Tune's loop ran
             if interruption.signum is None:
                 interruption.signum = signal.SIGINT
@@ -147,7 +150,7 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
     summary["wall_s"] = time.time() - started
     summary["interrupted"] = interruption.name
     summary["num_samples"] = plan.num_samples
-    summary["logs"] = _log_locations(experiment_dir, driver_log, plan)
+    summary["logs"] = _log_locations(experiment_dir, console.log_file if console.quiet else None, plan)
     summary["errored"] = [{"trial_id": r["trial_id"], "error": r["error"]} for r in summary.get("records", [])
                           if r["status"] == "ERROR"]
     write_json_atomic(experiment_dir / SUMMARY_FILE, summary)
@@ -182,7 +185,8 @@ def _log_locations(experiment_dir, driver_log, plan: SweepPlan) -> str | None:
     return f"{where}; driver log {driver_log}" if driver_log else where
 
 
-def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restorable: bool, interruption) -> dict:
+def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restorable: bool, interruption,
+            console) -> dict:
     """Everything after the checks: targets, Ray, resources, the Tuner, ``fit`` and the summary."""
     from ray import tune
 
@@ -193,6 +197,8 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
     started = time.time()
     experiment_dir = plan.experiment_dir
     target_cache = driver_prologue(base, output_dir=plan.output_dir, setting="sweep.output_dir")
+    interruption.install()  # ray.init replaced the SIGTERM handler with its crash handler
+    console.install()  # and removed the handlers of the `ray` logger
     check_fits(plan.trial_resources, plan.num_workers, "sweep.trial_resources")
     concurrency = (_cap_concurrency(plan, base.ray.address) if plan.executor == "train"
                    else plan.max_concurrent)  # inline trials hold their resources: Tune schedules them
@@ -243,6 +249,9 @@ def tune_verbosity(verbose: int) -> int:
 
 
 def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int) -> list:
+    from .progress import SweepProgress
+    from .result_log import TrialResultLog
+
     callbacks = [TrialResultLog()]
     if plan.verbose == 1:
         callbacks.append(SweepProgress(
@@ -274,7 +283,10 @@ def set_aside_errored_trials(experiment_dir) -> list[str]:
             continue
         aside.mkdir()
         for entry in entries:
-            os.replace(entry, aside / entry.name)
+            if entry.name in RESULT_FILES:  # Tune reads them once more while it restores; copies stay aside
+                shutil.copy2(entry, aside / entry.name)
+            else:
+                os.replace(entry, aside / entry.name)
         moved.append(record["trial_id"])
         logger.info("restart_errored: %s set aside in %s", folder, aside)
     return moved
@@ -310,6 +322,26 @@ def optuna_search_class():
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if trial_id in self._ot_trials:
                 super().on_trial_complete(trial_id, result=result, error=error)
+            elif result and not error:
+                self._add_restarted(trial_id, result)
+
+        def _add_restarted(self, trial_id: str, result: dict) -> None:
+            """A trial Tune restarted from scratch (``restart_errored``) has a new id the study never
+            saw: its finished result becomes a study trial of its own, with the same parameters."""
+            import optuna
+
+            if not isinstance(self._space, dict) or trial_id in self._completed_trials:
+                return
+            params = {name: result.get(f"config/{name}") for name in self._space}
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [result.get(metric) for metric in metrics]
+            if any(v is None for v in params.values()) or any(v is None for v in values):
+                return
+            values_arg = {"values": values} if isinstance(self.metric, list) else {"value": values[0]}
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                params=params, distributions=self._space, user_attrs={"tune_trial_id": trial_id, "restarted": True},
+                **values_arg))
+            self._completed_trials.add(trial_id)
 
     return SweepOptunaSearch
 

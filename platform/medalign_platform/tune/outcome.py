@@ -41,11 +41,20 @@ TUNE_SIGINT_ENV = "TUNE_DISABLE_SIGINT_HANDLER"
 
 @dataclass
 class Interruption:
-    """What :func:`interruptible` saw: the first stop signal, if any."""
+    """What :func:`interruptible` saw: the first stop signal, if any.
+
+    ``ray.init`` installs Ray's own crash handler for SIGTERM (it aborts the process), so
+    :meth:`install` must run again once Ray is up.
+    """
 
     signum: int | None = None
     tune_running: bool = False
     _handlers: dict = field(default_factory=dict)
+
+    def install(self) -> None:
+        """(Re)installs the stop-signal handlers (after ``ray.init`` replaced SIGTERM's)."""
+        for sig, handler in self._handlers.items():
+            signal.signal(sig, handler)
 
     @property
     def name(self) -> str | None:
@@ -80,8 +89,8 @@ def interruptible() -> Iterator[Interruption]:
     def early_tune_stop(signum, frame):  # Tune replaces this with its own once its loop is set up
         raise KeyboardInterrupt
 
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
-    previous[TUNE_STOP_SIGNAL] = signal.signal(TUNE_STOP_SIGNAL, early_tune_stop)
+    interruption._handlers = {**{sig: handler for sig in STOP_SIGNALS}, TUNE_STOP_SIGNAL: early_tune_stop}
+    previous = {sig: signal.signal(sig, h) for sig, h in interruption._handlers.items()}
     saved_env = os.environ.get(TUNE_SIGINT_ENV)
     os.environ[TUNE_SIGINT_ENV] = "1"  # Tune would replace our SIGINT handler with its own
     try:
@@ -138,7 +147,7 @@ def sweep_outcome(summary: dict, expected_trials: int, overrides: Sequence[str])
                               f"finished; the state is saved. Resume with:\n  "
                               f"{resume_command(overrides, experiment_dir)}")
     if errored:
-        failed = [r for r in summary.get("records", []) if r["status"] == "ERROR"]
+        failed = summary.get("errored") or []
         where = "; ".join(f"trial_{r['trial_id']}: {r['error'] or 'no error file'}" for r in failed[:3])
         return EXIT_ERRORED, (f"{errored} of {total} trials errored ({where}{'; ...' if len(failed) > 3 else ''}). "
                               f"Restart them from scratch with:\n  "

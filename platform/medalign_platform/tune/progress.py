@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from ..common.console import DropMessages
 from ..common.keys import get_flat, has_flat
 
 STATUS_EVERY_S = 60.0
+NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -157,54 +159,87 @@ class SweepProgress(Callback):
 
 # Tune's lines that point elsewhere than this platform: its resume hint (Tuner.restore; the
 # platform prints `medalign sweep ... resume=true`), its list of unfinished trials (the
-# platform's summary says it), its throwaway TensorBoard in the Ray session folder.
+# platform's summary says it), its throwaway TensorBoard in the Ray session folder, and a
+# failed trial's traceback (the progress view names the trial's error.txt; driver.log has it).
 TUNE_CHATTER = ("Tuner.restore", "Trials did not complete", "tensorboard --logdir", "Experiment has been interrupted",
-                "Stop signal received")
+                "Stop signal received", "Trial task failed for trial")  # the last: the progress view names error.txt
+
+
+# Loggers that log the chatter above (a filter on the logger itself holds whatever handlers
+# Ray installs: ``ray.init`` removes every handler of the ``ray`` logger).
+CHATTER_LOGGERS = ("ray.tune.tune", "ray.tune.execution.tune_controller", "ray.tune.impl.tuner_internal")
+
+
+class DriverConsole:
+    """The sweep driver's console while the sweep runs (``sweep.verbose`` < 2).
+
+    INFO and up of Ray, Tune and Optuna, and Python warnings, go to ``log_file``; Tune's
+    own progress output is off (its old output engine at verbosity 0 prints nothing); its
+    chatter (:data:`TUNE_CHATTER`) is dropped. :meth:`install` again after ``ray.init``,
+    which removes the handlers of the ``ray`` logger.
+    """
+
+    def __init__(self, log_file: Path, verbose: int):
+        self.log_file, self.quiet = log_file, verbose < 2
+        self.handler: logging.Handler | None = None
+        self.chatter = DropMessages(*TUNE_CHATTER)
+        self._saved: dict = {}
+
+    def install(self) -> None:
+        import optuna
+
+        if not self.quiet:
+            return
+        if self.handler is None:
+            self.log_file.parent.mkdir(parents=True, exist_ok=True)
+            self.handler = logging.FileHandler(self.log_file, encoding="utf-8")
+            self.handler.setLevel(logging.INFO)
+            self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            self._saved = {"optuna": optuna.logging.get_verbosity(), "env": os.environ.get(NEW_OUTPUT_ENV)}
+        ray_logger = logging.getLogger("ray")
+        if self.handler not in ray_logger.handlers:
+            ray_logger.addHandler(self.handler)
+        for name in CHATTER_LOGGERS:
+            logging.getLogger(name).addFilter(self.chatter)  # a second add is a no-op
+        optuna.logging.set_verbosity(optuna.logging.INFO)
+        optuna.logging.disable_default_handler()
+        optuna_logger = logging.getLogger("optuna")
+        if self.handler not in optuna_logger.handlers:
+            optuna_logger.addHandler(self.handler)
+        logging.captureWarnings(True)
+        warnings_logger = logging.getLogger("py.warnings")
+        if self.handler not in warnings_logger.handlers:
+            warnings_logger.addHandler(self.handler)
+        warnings_logger.propagate = False
+        os.environ[NEW_OUTPUT_ENV] = "0"  # Tune's new output engine prints its config table even when silent
+
+    def restore(self) -> None:
+        import optuna
+
+        if not self.quiet or self.handler is None:
+            return
+        for name in ("ray", "optuna", "py.warnings"):
+            logging.getLogger(name).removeHandler(self.handler)
+        for name in CHATTER_LOGGERS:
+            logging.getLogger(name).removeFilter(self.chatter)
+        optuna.logging.enable_default_handler()
+        optuna.logging.set_verbosity(self._saved["optuna"])
+        logging.captureWarnings(False)
+        logging.getLogger("py.warnings").propagate = True
+        if self._saved["env"] is None:
+            os.environ.pop(NEW_OUTPUT_ENV, None)
+        else:
+            os.environ[NEW_OUTPUT_ENV] = self._saved["env"]
+        self.handler.close()
+        self.handler = None
 
 
 @contextlib.contextmanager
-def driver_console(log_file: Path, verbose: int) -> Iterator[Path | None]:
-    """The sweep driver's logging for the block: INFO and up of Ray, Tune and Optuna (and Python
-    warnings) go to ``log_file``; the console keeps warnings and errors, without Tune's
-    chatter listed in :data:`TUNE_CHATTER`. ``verbose >= 2`` leaves logging as it is.
-    """
-    import optuna
-
-    if verbose >= 2:
-        yield None
-        return
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    to_file = logging.FileHandler(log_file, encoding="utf-8")
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    chatter = DropMessages(*TUNE_CHATTER)
-    ray_logger = logging.getLogger("ray")
-    console = [h for h in ray_logger.handlers if isinstance(h, logging.StreamHandler)
-               and not isinstance(h, logging.FileHandler)]
-    saved_levels = [h.level for h in console]
-    warnings_logger = logging.getLogger("py.warnings")
-    saved_optuna = optuna.logging.get_verbosity()
+def driver_console(log_file: Path, verbose: int) -> Iterator[DriverConsole]:
+    """:class:`DriverConsole` installed for the block (and restored after it)."""
+    console = DriverConsole(log_file, verbose)
+    console.install()
     try:
-        ray_logger.addHandler(to_file)
-        for handler in console:
-            handler.addFilter(chatter)
-            handler.setLevel(max(handler.level, logging.WARNING))
-        optuna.logging.set_verbosity(optuna.logging.INFO)
-        optuna.logging.disable_default_handler()
-        logging.getLogger("optuna").addHandler(to_file)
-        logging.captureWarnings(True)
-        warnings_logger.addHandler(to_file)
-        warnings_logger.propagate = False
-        yield log_file
+        yield console
     finally:
-        ray_logger.removeHandler(to_file)
-        for handler, level in zip(console, saved_levels):
-            handler.removeFilter(chatter)
-            handler.setLevel(level)
-        logging.getLogger("optuna").removeHandler(to_file)
-        optuna.logging.enable_default_handler()
-        optuna.logging.set_verbosity(saved_optuna)
-        logging.captureWarnings(False)
-        warnings_logger.removeHandler(to_file)
-        warnings_logger.propagate = True
-        to_file.close()
+        console.restore()

@@ -53,9 +53,19 @@ def finite_number(value: Any) -> int | float | None:
 
 def trial_records(experiment_dir: Path) -> list[dict]:
     """One record per Tune trial: id, status, sampled values, last evaluation metrics, timings."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(experiment_dir))
+    # It also loads every trial's result.json, and warns for trials that have none yet
+    # (started, no result): records need only its trial list.
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_logger.level
+    analysis_logger.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(str(experiment_dir))
+    finally:
+        analysis_logger.setLevel(level)
     spec = load_spec(Path(experiment_dir))
     keys = [k for k in spec["search_space"] if k != "points_to_evaluate"]
     records = []

@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 PROGRESS_FILE = "progress.csv"
 PARAMS_FILE = "params.json"
-DISABLE_TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
 
 
 def _complete_lines(path: Path) -> str:

@@ -91,7 +91,7 @@ class SweepOptions(Settings):
                 if amount < 0:
                     self.fail(f"trial_resources.{key}", f"must be a number >= 0, got {amount}")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
-            self.fail("name", f"={self.name!r} must be a plain folder name")
+            self.fail("name", f"must be a plain folder name (no '/', '.' or '..'), got {self.name!r}")
 
 
 @dataclass

@@ -202,6 +202,11 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
         ray.tune.report(metrics)
         return metrics, True
 
+    if recorded is not None and (recorded / "metrics.json").is_file():
+        # The evaluation this checkpoint was taken at may never have reached the driver (it was
+        # stopped or killed first): report it again; the result log keeps one row per step.
+        ray.tune.report(json.loads((recorded / "metrics.json").read_text()))
+
     def resume(scratch: Path) -> Path | None:
         if local is not None:
             return local
