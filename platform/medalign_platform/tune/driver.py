@@ -29,14 +29,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..common.atomic import write_json_atomic
+from ..common.atomic import write_json_atomic, write_text_atomic
 from ..common.errors import ConfigError
 from ..common.keys import tune_key
 from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, load_spec, read_driver_state,
@@ -222,6 +224,7 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     callbacks = _callbacks(plan, space, concurrency)
     if plan.resume and restorable:
+        mark_errored_in_state(experiment_dir)
         if plan.restart_errored:
             set_aside_errored_trials(experiment_dir)
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(plan), resume_unfinished=True,
@@ -233,7 +236,8 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
         tuner = _tuner(plan, space, base_config, concurrency, callbacks)
     interruption.tune_running = True
     try:
-        tuner.fit()
+        with console.stdout_to_log():
+            tuner.fit()
     finally:
         interruption.tune_running = False
     summary = summarize(experiment_dir, wall_s=time.time() - started, close_orphans=not interruption.signum,
@@ -250,9 +254,10 @@ def tune_verbosity(verbose: int) -> int:
 
 def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int) -> list:
     from .progress import SweepProgress
-    from .result_log import TrialResultLog
+    from .result_log import StudyLink, TrialErrors, TrialResultLog
 
-    callbacks = [TrialResultLog()]
+    callbacks = [TrialResultLog(), StudyLink(plan.storage_url, plan.name, plan.metrics),
+                 TrialErrors(str(plan.experiment_dir))]
     if plan.verbose == 1:
         callbacks.append(SweepProgress(
             name=plan.name, experiment_dir=str(plan.experiment_dir),
@@ -262,6 +267,35 @@ def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int) -> list:
     return callbacks
 
 
+def mark_errored_in_state(experiment_dir) -> list[str]:
+    """Gives the trials the driver saw error for good (``errored.json``) the status ERROR in
+    Tune's saved experiment state, where the last snapshot can still say RUNNING.
+
+    ``Tuner.restore`` decides from that status what to do with a trial: without this, an
+    errored trial would be continued as an unfinished one, whatever ``resume_errored`` /
+    ``restart_errored`` say. Returns the ids changed.
+    """
+    from .layout import read_errored
+
+    errored = set(read_errored(experiment_dir))
+    changed: list[str] = []
+    if not errored:
+        return changed
+    for path in sorted(Path(experiment_dir).glob("experiment_state-*.json")):
+        state = json.loads(path.read_text())
+        touched = False
+        for entry in state.get("trial_data", []):
+            trial = json.loads(entry[0])
+            if trial.get("trial_id") in errored and trial.get("status") in ("PENDING", "RUNNING", "PAUSED"):
+                trial["status"] = "ERROR"
+                entry[0] = json.dumps(trial, indent=2)
+                changed.append(trial["trial_id"])
+                touched = True
+        if touched:
+            write_text_atomic(path, json.dumps(state))
+    return changed
+
+
 def set_aside_errored_trials(experiment_dir) -> list[str]:
     """Moves what errored trials left in their folders into ``.restarted-<time>/`` (kept, not deleted).
 
@@ -269,11 +303,12 @@ def set_aside_errored_trials(experiment_dir) -> list[str]:
     inline trial would resume from the checkpoints in its folder and a Ray Train trial from
     its run's snapshot. Returns the trial ids set aside.
     """
-    from .records import trial_records
+    from .layout import read_errored
+    from .records import live_records, trial_records
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     moved = []
-    for record in trial_records(experiment_dir):
+    for record in live_records(trial_records(experiment_dir), False, list(read_errored(experiment_dir))):
         if record["status"] != "ERROR":
             continue
         folder = trial_folder(experiment_dir, record["trial_id"])
@@ -322,26 +357,6 @@ def optuna_search_class():
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             if trial_id in self._ot_trials:
                 super().on_trial_complete(trial_id, result=result, error=error)
-            elif result and not error:
-                self._add_restarted(trial_id, result)
-
-        def _add_restarted(self, trial_id: str, result: dict) -> None:
-            """A trial Tune restarted from scratch (``restart_errored``) has a new id the study never
-            saw: its finished result becomes a study trial of its own, with the same parameters."""
-            import optuna
-
-            if not isinstance(self._space, dict) or trial_id in self._completed_trials:
-                return
-            params = {name: result.get(f"config/{name}") for name in self._space}
-            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
-            values = [result.get(metric) for metric in metrics]
-            if any(v is None for v in params.values()) or any(v is None for v in values):
-                return
-            values_arg = {"values": values} if isinstance(self.metric, list) else {"value": values[0]}
-            self._ot_study.add_trial(optuna.trial.create_trial(
-                params=params, distributions=self._space, user_attrs={"tune_trial_id": trial_id, "restarted": True},
-                **values_arg))
-            self._completed_trials.add(trial_id)
 
     return SweepOptunaSearch
 

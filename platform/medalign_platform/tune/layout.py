@@ -5,6 +5,7 @@
     <sweep.output_dir>/<sweep.name>/
         sweep.json            the resolved sweep plan, base config and search space (resume, status)
         driver.json           the sweep driver: pid, host, state (running | finished | interrupted), exit status
+        errored.json          the trials the driver saw error for good
         summary.json          what run_sweep returned, plus one record per trial
         driver.log            what the driver's libraries logged (Ray, Tune, Optuna), when the console is quiet
         optuna.db             the Optuna study (SQLite; study name = sweep name)
@@ -34,6 +35,7 @@ from ..common.errors import ConfigError
 
 SWEEP_SPEC_FILE = "sweep.json"
 DRIVER_FILE = "driver.json"
+ERRORED_FILE = "errored.json"  # {trial id: {"at": time}} of trials that errored for good (tune/result_log.py)
 DRIVER_LOG = "driver.log"
 TRIAL_LOG = "trial.log"
 SUMMARY_FILE = "summary.json"
@@ -138,3 +140,12 @@ def sweep_running(experiment_dir: str | Path) -> bool:
         return same and process.status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ValueError, TypeError):
         return False
+
+
+def read_errored(experiment_dir: str | Path) -> dict:
+    """``errored.json`` (``{}`` when absent or unreadable)."""
+    try:
+        data = json.loads((Path(experiment_dir) / ERRORED_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

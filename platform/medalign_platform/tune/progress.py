@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -32,7 +31,6 @@ from ..common.console import DropMessages
 from ..common.keys import get_flat, has_flat
 
 STATUS_EVERY_S = 60.0
-NEW_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
 
 
 def short_names(keys: Sequence[str]) -> dict[str, str]:
@@ -174,9 +172,9 @@ class DriverConsole:
     """The sweep driver's console while the sweep runs (``sweep.verbose`` < 2).
 
     INFO and up of Ray, Tune and Optuna, and Python warnings, go to ``log_file``; Tune's
-    own progress output is off (its old output engine at verbosity 0 prints nothing); its
-    chatter (:data:`TUNE_CHATTER`) is dropped. :meth:`install` again after ``ray.init``,
-    which removes the handlers of the ``ray`` logger.
+    chatter (:data:`TUNE_CHATTER`) is dropped; what Tune still prints at verbosity 0 (its
+    experiment table) goes to the file through :meth:`stdout_to_log`. :meth:`install`
+    again after ``ray.init``, which removes the handlers of the ``ray`` logger.
     """
 
     def __init__(self, log_file: Path, verbose: int):
@@ -195,7 +193,7 @@ class DriverConsole:
             self.handler = logging.FileHandler(self.log_file, encoding="utf-8")
             self.handler.setLevel(logging.INFO)
             self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-            self._saved = {"optuna": optuna.logging.get_verbosity(), "env": os.environ.get(NEW_OUTPUT_ENV)}
+            self._saved = {"optuna": optuna.logging.get_verbosity()}
         ray_logger = logging.getLogger("ray")
         if self.handler not in ray_logger.handlers:
             ray_logger.addHandler(self.handler)
@@ -211,7 +209,15 @@ class DriverConsole:
         if self.handler not in warnings_logger.handlers:
             warnings_logger.addHandler(self.handler)
         warnings_logger.propagate = False
-        os.environ[NEW_OUTPUT_ENV] = "0"  # Tune's new output engine prints its config table even when silent
+
+    @contextlib.contextmanager
+    def stdout_to_log(self) -> Iterator[None]:
+        """``print`` output of the block (Tune's experiment table) appended to the log file."""
+        if not self.quiet:
+            yield
+            return
+        with self.log_file.open("a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream):
+            yield
 
     def restore(self) -> None:
         import optuna
@@ -226,10 +232,6 @@ class DriverConsole:
         optuna.logging.set_verbosity(self._saved["optuna"])
         logging.captureWarnings(False)
         logging.getLogger("py.warnings").propagate = True
-        if self._saved["env"] is None:
-            os.environ.pop(NEW_OUTPUT_ENV, None)
-        else:
-            os.environ[NEW_OUTPUT_ENV] = self._saved["env"]
         self.handler.close()
         self.handler = None
 

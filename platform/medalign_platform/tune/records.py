@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..common.keys import get_flat, has_flat
-from .layout import FINAL_FILE, META_KEY, load_spec, study_url, sweep_running, trial_folder
+from .layout import FINAL_FILE, META_KEY, load_spec, read_errored, study_url, sweep_running, trial_folder
 from .settings import SweepPlan
 from .trial import scalars, trial_run_config
 
@@ -23,7 +23,7 @@ from .trial import scalars, trial_run_config
 UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
 
 
-def live_records(records: Sequence[dict], running: bool = True) -> list[dict]:
+def live_records(records: Sequence[dict], running: bool = True, errored: Sequence[str] = ()) -> list[dict]:
     """Trial records with the status the sweep really has, the same in the summary and the leaderboard.
 
     Tune's saved experiment state turns RUNNING trials into PENDING when it is loaded (ready
@@ -33,10 +33,14 @@ def live_records(records: Sequence[dict], running: bool = True) -> list[dict]:
 
     Args:
         running: whether the sweep driver is running (:func:`~.layout.sweep_running`).
+        errored: trial ids the driver saw error for good (``errored.json``); their status is
+            ``ERROR`` even where Tune's last snapshot still says otherwise.
     """
     out = []
     for record in records:
-        if record["status"] in UNFINISHED or record["status"] == "INTERRUPTED":
+        if record["status"] in UNFINISHED and record["trial_id"] in errored:
+            record = {**record, "status": "ERROR"}
+        elif record["status"] in UNFINISHED or record["status"] == "INTERRUPTED":
             started = record["metrics"].get("step") is not None
             status = ("RUNNING" if running else "INTERRUPTED") if started else "PENDING"
             record = {**record, "status": status}
@@ -88,8 +92,8 @@ def trial_records(experiment_dir: Path) -> list[dict]:
             "time_total_s": last.get("time_total_s"),  # Tune's trial time at its last result (running trials)
             # The copy in the trial folder: Trial.error_file is the Ray session's staging copy and
             # needs ray.init (medalign status reads a sweep from a plain process).
-            "error": (str(folder / trial.run_metadata.error_filename)
-                      if trial.run_metadata.error_filename else None),
+            "error": (str(folder / trial.run_metadata.error_filename) if trial.run_metadata.error_filename
+                      else str(folder / "error.txt") if (folder / "error.txt").is_file() else None),
         })
     return records
 
@@ -147,7 +151,7 @@ def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: 
     settings = SweepPlan(**spec["settings"])
     if running is None:
         running = sweep_running(experiment_dir)
-    records = live_records(trial_records(experiment_dir), running)
+    records = live_records(trial_records(experiment_dir), running, list(read_errored(experiment_dir)))
     counts: dict[str, int] = {}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1

@@ -19,11 +19,14 @@ import io
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
+from ray.tune import Callback
 from ray.tune.logger import LoggerCallback
 
-from ..common.keys import flatten
+from ..common.keys import flatten, get_flat
+from .layout import ERRORED_FILE, read_errored
 from .trial import scalars
 
 logger = logging.getLogger(__name__)
@@ -108,3 +111,73 @@ class TrialResultLog(LoggerCallback):
     def log_trial_end(self, trial, failed: bool = False) -> None:
         self._last_step.pop(trial.trial_id, None)
         self._columns.pop(trial.trial_id, None)
+
+
+class StudyLink(Callback):
+    """Puts a finished trial that the Optuna study never saw into the study, with its parameters and values.
+
+    ``resume=true sweep.restart_errored=true`` makes Tune run an errored trial again as a new
+    trial with a new id, which Tune's searcher ignores (it only knows the ids it suggested);
+    without this, the restarted trial's result never reaches the study (its importances,
+    history and optuna-dashboard).
+    """
+
+    def __init__(self, storage_url: str, study_name: str, metrics: list[str]):
+        self.storage_url, self.study_name, self.metrics = storage_url, study_name, list(metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        import optuna
+
+        storage = optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+        study = optuna.load_study(study_name=self.study_name, storage=storage)
+        known = study.get_trials(deepcopy=False)
+        if any(t.user_attrs.get("tune_trial_id") == trial.trial_id for t in known):
+            return
+        result = trial.last_result or {}
+        values = [result.get(metric) for metric in self.metrics]
+        template = next((t for t in known if t.distributions), None)
+        if template is None or any(not isinstance(v, (int, float)) for v in values):
+            return
+        params = {}
+        for name, distribution in template.distributions.items():
+            key = name.replace("/", ".")
+            try:
+                params[name] = get_flat(trial.config, key)
+            except KeyError:
+                return
+        values_arg = {"values": values} if len(values) > 1 else {"value": values[0]}
+        study.add_trial(optuna.trial.create_trial(
+            params=params, distributions=template.distributions, **values_arg,
+            user_attrs={"tune_trial_id": trial.trial_id, "restarted": True}))
+        logger.info("study: added trial %s (a restarted trial the searcher did not suggest)", trial.trial_id)
+
+
+class TrialErrors(Callback):
+    """Records in ``errored.json`` which trials errored for good (no retry left), as the driver saw it.
+
+    Tune's saved experiment state does not always hold a trial's ``ERROR`` status: the last
+    snapshot can be taken while the trial still shows ``RUNNING``. The records read this file
+    so that the summary, the leaderboard and the exit status agree with what happened. A
+    trial that starts again (``sweep.resume_errored=true``) leaves the file.
+    """
+
+    def __init__(self, experiment_dir: str):
+        self.path = Path(experiment_dir) / ERRORED_FILE
+
+    def _update(self, trial_id: str, errored: bool) -> None:
+        from ..common.atomic import write_json_atomic
+
+        current = read_errored(self.path.parent)
+        if errored:
+            current[trial_id] = {"at": time.time()}
+        elif trial_id not in current:
+            return
+        else:
+            current.pop(trial_id)
+        write_json_atomic(self.path, current)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._update(trial.trial_id, True)
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._update(trial.trial_id, False)
