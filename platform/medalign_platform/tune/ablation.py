@@ -38,6 +38,7 @@ from ..common.overrides import as_tree, parse_overrides, split_overrides, texts
 from ..common.settings import Settings, setting
 from .ablation_report import ABLATION_DIR, LAYER_KEY, SEED_KEY, SPEC_FILE, cell_text, summarize_ablation
 from .layout import SWEEP_SPEC_FILE
+from .outcome import sweep_outcome
 from .settings import SweepOptions, SweepRequest
 
 GRID_FILE = "layers_seeds.yaml"        # the grid search space, as the sweep records it
@@ -280,7 +281,8 @@ def ablate_command(overrides: Sequence[str]) -> int:
     """``medalign ablate-layers ...``: runs the ablation and prints the table and where it went.
 
     Returns:
-        0, or 2 with the message on stderr for bad input.
+        the sweep's exit status (:mod:`~medalign_platform.tune.outcome`: 0 complete, 1 errored
+        trials, 3 partial, 130/143 interrupted), or 2 with the message on stderr for bad input.
     """
     try:
         result = run_ablation(overrides)
@@ -299,4 +301,8 @@ def ablate_command(overrides: Sequence[str]) -> int:
         print(f"  {kind:12s}{path}")
     print(f"tensorboard --logdir {result['files']['tensorboard']}   "
           f"(per trial: tensorboard --logdir {result['experiment_dir']})")
-    return 0
+    sweep = result["sweep"]
+    status, line = sweep_outcome(sweep, sweep["num_samples"], overrides, command="ablate-layers", prefix="ablation",
+                                 experiment_dir=result["experiment_dir"])
+    print(f"medalign ablate-layers: {line}", file=sys.stderr)
+    return status

@@ -110,33 +110,42 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def resume_command(overrides: Sequence[str], experiment_dir, *, restart_errored: bool = False) -> str:
+def resume_command(overrides: Sequence[str], experiment_dir, *, restart_errored: bool = False,
+                   command: str = "sweep", prefix: str = "sweep") -> str:
     """``medalign sweep <overrides> sweep.output_dir=<abs> sweep.name=<name> resume=true [...]``.
 
     The folder is spelled out (absolute), so the command works from any directory; earlier
     ``resume=``/``sweep.resume_errored``/``sweep.restart_errored`` overrides are replaced.
+    ``command``/``prefix``: ``ablate-layers``/``ablation`` for a layer ablation.
     """
     from pathlib import Path
 
-    drop = ("resume=", "sweep.resume=", "sweep.resume_errored=", "sweep.restart_errored=", "sweep.output_dir=",
-            "sweep.name=")
+    drop = ("resume=", "sweep.resume=", "sweep.resume_errored=", "sweep.restart_errored=", f"{prefix}.output_dir=",
+            f"{prefix}.name=")
     kept = [o for o in overrides if not o.startswith(drop)]
     folder = Path(experiment_dir)
-    kept += [f"sweep.output_dir={folder.parent}", f"sweep.name={folder.name}", "resume=true"]
+    kept += [f"{prefix}.output_dir={folder.parent}", f"{prefix}.name={folder.name}", "resume=true"]
     if restart_errored:
         kept.append("sweep.restart_errored=true")
-    return "medalign sweep " + " ".join(shlex.quote(o) for o in kept)
+    return f"medalign {command} " + " ".join(shlex.quote(o) for o in kept)
 
 
-def sweep_outcome(summary: dict, expected_trials: int, overrides: Sequence[str]) -> tuple[int, str]:
+def sweep_outcome(summary: dict, expected_trials: int, overrides: Sequence[str], *, command: str = "sweep",
+                  prefix: str = "sweep", experiment_dir=None) -> tuple[int, str]:
     """The exit status of a finished (or interrupted) sweep and the line that explains it.
 
     Args:
         summary: :func:`~medalign_platform.tune.driver.run_sweep`'s result.
         expected_trials: ``sweep.num_samples``.
         overrides: the command's arguments (for the resume command).
+        command / prefix / experiment_dir: for ``medalign ablate-layers`` (whose folder
+            is ``ablation.output_dir/ablation.name``).
     """
-    experiment_dir = summary["experiment_dir"]
+    folder = experiment_dir or summary["experiment_dir"]
+
+    def resume(restart_errored: bool = False) -> str:
+        return resume_command(overrides, folder, restart_errored=restart_errored, command=command, prefix=prefix)
+
     counts = summary["trials"]
     total = summary["num_trials"]
     done = counts.get("TERMINATED", 0)
@@ -144,18 +153,16 @@ def sweep_outcome(summary: dict, expected_trials: int, overrides: Sequence[str])
     if summary.get("interrupted"):
         signum = int(getattr(signal.Signals, summary["interrupted"]))
         return 128 + signum, (f"interrupted by {summary['interrupted']} with {done} of {expected_trials} trials "
-                              f"finished; the state is saved. Resume with:\n  "
-                              f"{resume_command(overrides, experiment_dir)}")
+                              f"finished; the state is saved. Resume with:\n  {resume()}")
     if errored:
         failed = summary.get("errored") or []
         where = "; ".join(f"trial_{r['trial_id']}: {r['error'] or 'no error file'}" for r in failed[:3])
         return EXIT_ERRORED, (f"{errored} of {total} trials errored ({where}{'; ...' if len(failed) > 3 else ''}). "
-                              f"Restart them from scratch with:\n  "
-                              f"{resume_command(overrides, experiment_dir, restart_errored=True)}\n"
+                              f"Restart them from scratch with:\n  {resume(restart_errored=True)}\n"
                               f"(or continue them from their checkpoints: sweep.resume_errored=true instead)")
     if done < expected_trials:
-        return EXIT_PARTIAL, (f"partial: {done} of {expected_trials} trials finished ({counts}). Continue with:\n  "
-                              f"{resume_command(overrides, experiment_dir)}")
+        return EXIT_PARTIAL, (f"partial: {done} of {expected_trials} trials finished ({counts}). Continue with:\n"
+                              f"  {resume()}")
     return EXIT_OK, f"{done} of {expected_trials} trials finished"
 
 
