@@ -5,7 +5,8 @@ loading bars, library deprecation warnings, Ray's per-checkpoint INFO lines, ope
 INFO logs) goes to a log file per trial instead. :func:`output_to_file` redirects the
 process's own stdout and stderr file descriptors, so output written by C extensions and
 subprocesses lands there too, and restores them afterwards (a reused Tune actor runs the
-next trial with its own file).
+next trial with its own file). :func:`quiet_ray_worker` silences Tune's own INFO lines in
+Ray's worker processes, which print before a trial's own code runs.
 """
 
 from __future__ import annotations
@@ -65,3 +66,14 @@ class DropMessages(logging.Filter):
         except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
             return True
         return not any(fragment in message for fragment in self.fragments)
+
+
+QUIET_LOGGERS = ("ray.tune", "ray.train")
+
+
+def quiet_ray_worker() -> None:
+    """Ray's ``worker_process_setup_hook`` for a quiet sweep: Tune's and Train's INFO lines in the
+    trial processes ("Restored on ... from checkpoint", "Checkpoint successfully created")
+    are not forwarded to the driver's console; warnings and errors still are."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -48,11 +48,14 @@ def resolve_run_settings(overrides: Sequence[str] = (), config: dict | None = No
     return settings
 
 
-def ensure_ray(settings: RunSettings) -> None:
+def ensure_ray(settings: RunSettings, quiet: bool = False) -> None:
     """Starts (or joins) Ray with worker env vars that keep the hub offline and imports working.
 
     ``ray.address: null`` starts a new local cluster (or joins ``$RAY_ADDRESS``, as a
     submitted job does); any address is probed first, so a dead one fails within seconds.
+
+    ``quiet`` (a sweep's quiet console) keeps Tune's and Train's INFO lines of the worker
+    processes off the driver's console.
 
     Raises:
         ClusterError: nothing answers at the address, naming it and where it came from.
@@ -71,7 +74,10 @@ def ensure_ray(settings: RunSettings) -> None:
             env_vars.pop(key, None)
         address, origin = ray_init_address(settings.ray.address)
         check_reachable(address, origin)
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True, configure_logging=False)
+        runtime_env: dict = {"env_vars": env_vars}
+        if quiet:
+            runtime_env["worker_process_setup_hook"] = "medalign_platform.common.console.quiet_ray_worker"
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
 
 
 def _job_env_vars() -> dict:
@@ -107,20 +113,21 @@ def check_selection_metrics(settings: RunSettings, metrics: dict[str, str]) -> N
     check_metric_names(metrics, splits, radgraph=bool(settings.data.radgraph_model))
 
 
-def driver_prologue(settings: RunSettings, *, output_dir: str, setting: str) -> dict:
+def driver_prologue(settings: RunSettings, *, output_dir: str, setting: str, quiet: bool = False) -> dict:
     """Targets into the shared cache, Ray up, the output path checked; returns the cache counters.
 
     Args:
         settings: the checked run settings (a sweep's base config).
         output_dir: where results go (``run.output_dir`` or ``sweep.output_dir``).
         setting: that key's name, for the storage warnings.
+        quiet: a quiet console (:func:`ensure_ray`).
     """
     from ..data.splits import SPLITS, load_split
     from .evaluation import precompute_targets
     from .storage import warn_storage
 
     cache = {split: precompute_targets(settings.teacher, load_split(settings.data, split)) for split in SPLITS}
-    ensure_ray(settings)
+    ensure_ray(settings, quiet=quiet)
     # After ensure_ray: the node count decides whether a local output_dir is a problem.
     warn_storage(output_dir, settings.ray.address, setting=setting)
     return cache

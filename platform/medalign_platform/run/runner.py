@@ -81,9 +81,8 @@ def run_in_process(config: Mapping | RunSettings, report: Callable[[dict, Path |
             if rank == 0 and settings.tensorboard.enabled:
                 from .tb_logger import RunLogger
 
-                # Events after the resumed step (or all, from scratch) belong to a process that died.
-                purge_step = checkpoint_step(resume_from) + 1 if resume_from is not None else 0
-                logger = RunLogger(Path(settings.run.log_dir), settings.to_dict(), purge_step=max(purge_step, 0))
+                logger = RunLogger(Path(settings.run.log_dir), settings.to_dict(),
+                                   purge_step=_purge_step(Path(settings.run.log_dir), resume_from))
             return run_training(settings, RunContext(
                 report=report_then_delete, resume_from=resume_from, rank=rank, world_size=world_size, device=device,
                 scratch_dir=scratch, logger=logger, after_step=kill_hook(rank)))
@@ -91,6 +90,14 @@ def run_in_process(config: Mapping | RunSettings, report: Callable[[dict, Path |
             if logger is not None:
                 logger.close()
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _purge_step(log_dir: Path, resume_from: Path | None) -> int | None:
+    """Events at steps >= this one, written by a process that died, are hidden by TensorBoard:
+    the resumed checkpoint's step + 1, or 0 when a run restarts from scratch over old events."""
+    if resume_from is not None:
+        return max(checkpoint_step(resume_from) + 1, 0)
+    return 0 if log_dir.is_dir() and any(log_dir.glob("*tfevents*")) else None
 
 
 def console_log_path(path: str | None, rank: int) -> Path | None:

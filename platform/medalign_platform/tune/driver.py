@@ -198,7 +198,8 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
 
     started = time.time()
     experiment_dir = plan.experiment_dir
-    target_cache = driver_prologue(base, output_dir=plan.output_dir, setting="sweep.output_dir")
+    target_cache = driver_prologue(base, output_dir=plan.output_dir, setting="sweep.output_dir",
+                                   quiet=plan.verbose < 2)
     interruption.install()  # ray.init replaced the SIGTERM handler with its crash handler
     console.install()  # and removed the handlers of the `ray` logger
     check_fits(plan.trial_resources, plan.num_workers, "sweep.trial_resources")
