@@ -117,6 +117,35 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert.command import convert_command
+
+    return convert_command(args)
+
+
+def _check(args) -> int:
+    """``medalign check experiment=... [check.gpus=[80,141]] [sweep.trial_resources.GPU=0.5] [key=value ...]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import split_overrides, texts
+    from .run.driver import resolve_run_settings
+    from .run.preflight import CheckOptions, PreflightReport, parse_gpus, run_preflight
+    from .tune.settings import SweepOptions
+
+    parsed = parse_overrides(args.overrides)
+    check, rest = split_overrides(parsed, lambda key: key.startswith("check."))
+    sweep, rest = split_overrides(rest, lambda key: key.startswith("sweep."))
+    options = CheckOptions.from_dict(as_tree(check, strip="check."))
+    trial_resources = SweepOptions.from_dict(as_tree(sweep, strip="sweep.")).trial_resources
+    try:
+        settings = resolve_run_settings(texts(rest), default_name="check")
+    except ConfigError as error:  # a config problem is one of the preflight's findings
+        print(PreflightReport(problems=[str(error)]).text())
+        return 2
+    report = run_preflight(settings, parse_gpus(options.gpus) if options.gpus is not None else None, trial_resources)
+    print(report.text())
+    return 0 if report.ok else 2
+
+
 # Subcommand -> (help, handler, usage line when its path argument is missing, or None).
 SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
     "prepare": ("Build SynthMed (data, tiny expert teacher, tiny base student) or convert a public release "
@@ -130,6 +159,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
                   "medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]"),
     "export": ("Export a run's LoRA adapter and steer weights for peft.", _export,
                "medalign export RUN_DIR --out DIR"),
+    "convert": ("Convert a released checkpoint: llava-med SRC OUT [VISION_TOWER] | unimed-clip SRC.pt OUT.",
+                _convert, None),
+    "check": ("Preflight without weights: config, files, grids, dtype, GPU memory per trial.", _check, None),
 }
 
 
@@ -149,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("path", nargs="?", help="experiment or run directory")
         if name == "export":
             sub.add_argument("--out", required=False, help="directory to write the adapter to")
+        if name == "convert":
+            from .convert.command import add_arguments
+
+            add_arguments(sub)
+            continue
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
     return parser
 
@@ -161,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if usage is not None and not args.path:
         raise SystemExit(f"usage: {usage}")
     try:
-        parse_overrides(args.overrides)  # reject malformed overrides before anything else
+        parse_overrides(getattr(args, "overrides", []))  # reject malformed overrides before anything else
         return handler(args)
     except KeyboardInterrupt:
         if debug:

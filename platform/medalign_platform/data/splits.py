@@ -25,6 +25,10 @@ class SplitItems:
     def image_path(self, index: int) -> str:
         return str(self.dataset.items[self.indices[index]].image_path)
 
+    def question(self, index: int) -> str:
+        """The item's question without decoding its image."""
+        return self.dataset.items[self.indices[index]].question
+
 
 def load_split(data: DataSettings | Mapping, split: str) -> SplitItems:
     """Items of one split, as described by the ``data`` section (typed, or its plain dict).

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 
 from ..data.collate import generate_answers
+from ..data.prompts import clean_question
 from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score, metric_names
+from ..common.errors import ConfigError
 from ..data.splits import SplitItems, evaluation_items, load_split
 
 if TYPE_CHECKING:
@@ -32,11 +34,15 @@ class TargetLookup:
     :func:`precompute_targets` on the driver.
     """
 
-    def __init__(self, teacher: TeacherSettings):
+    def __init__(self, teacher: TeacherSettings, model=None):
         from ..core.target_cache import TargetCache
         from ..core.teacher import load_teacher
 
-        self.teacher = load_teacher(teacher.name, teacher.pretrained)
+        self.mode = teacher.attention
+        self.teacher = model if model is not None else load_teacher(teacher.name, teacher.pretrained)
+        if self.mode == "prompt_aware" and not getattr(self.teacher, "has_text", True):
+            raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
+                              "teacher.attention=cls or convert it with its text encoder")
         self.cache = TargetCache(teacher.cache_dir)
         self._hashes: dict[str, str] = {}
 
@@ -48,9 +54,20 @@ class TargetLookup:
             self._hashes[key] = image_content_hash(path)
         return self._hashes[key]
 
-    def __call__(self, image_paths: Sequence[str]):
-        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order."""
-        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths])
+    def __call__(self, image_paths: Sequence[str], questions: Sequence[str] | None = None):
+        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order.
+
+        ``questions`` (one per image) are used only with ``teacher.attention=prompt_aware``,
+        where they are required; the result then carries ``prompt_attention``.
+        """
+        if self.mode == "prompt_aware":
+            if questions is None:
+                raise ValueError("teacher.attention=prompt_aware needs the question of every image")
+            questions = [clean_question(q) for q in questions]
+        else:
+            questions = None
+        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths],
+                                         questions=questions)
 
 
 def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int = 2048) -> dict:
@@ -60,9 +77,16 @@ def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int =
     same teacher and images only reads.
     """
     lookup = TargetLookup(teacher)
-    unique = sorted({items.image_path(i) for i in range(len(items))})
-    for start in range(0, len(unique), chunk):
-        lookup(unique[start : start + chunk])
+    if lookup.mode == "prompt_aware":  # one map per (image, question) pair
+        pairs = sorted({(items.image_path(i), items.question(i)) for i in range(len(items))})
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            lookup([p for p, _ in part], [q for _, q in part])
+        unique = sorted({p for p, _ in pairs})
+    else:
+        unique = sorted({items.image_path(i) for i in range(len(items))})
+        for start in range(0, len(unique), chunk):
+            lookup(unique[start : start + chunk])
     stats = lookup.cache.stats
     return {"images": len(unique), "hits": stats.hits, "misses": stats.misses, "corrupt": stats.corrupt}
 
@@ -75,7 +99,7 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
                    num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None,
-                   radgraph_model: str | None = None) -> dict:
+                   radgraph_model: str | None = None, prompt_template: str = "auto") -> dict:
     """Answers ``items`` greedily (or with beams) and scores them.
 
     Args:
@@ -89,6 +113,7 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard);
             ``attentions`` is None without a tap.
         radgraph_model: optional local RadGraph model folder for ``report_radgraph_f1``.
+        prompt_template: ``model.prompt_template`` (see :mod:`medalign_platform.data.prompts`).
 
     Returns:
         ``closed_accuracy`` (and ``closed_accuracy_substring``, the original rule),
@@ -104,7 +129,8 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         on_batch = lambda meta, _: attentions.append(_prompt_attention(tap, len(meta)))  # noqa: E731
     try:
         predictions = generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch)
+                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch,
+                                       prompt_template=prompt_template)
     finally:
         if tap is not None:
             tap.capture_attention = capture
@@ -138,7 +164,7 @@ def evaluate_split(model, processor, objective, settings: RunSettings, split: st
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
-        radgraph_model=settings.data.radgraph_model,
+        radgraph_model=settings.data.radgraph_model, prompt_template=settings.model.prompt_template,
     )
 
 
@@ -158,7 +184,6 @@ def check_metric_names(wanted: Mapping[str, str], splits: Mapping[str, SplitItem
     Raises:
         ConfigError: naming the setting, the metric, the closest valid one and the choices.
     """
-    from ..common.errors import ConfigError
 
     for setting, metric in wanted.items():
         split, _, name = str(metric).partition("/")

@@ -24,7 +24,7 @@ import torch
 
 from ..common.errors import MedAlignError
 from ..core.objective import MedAlignObjective
-from ..core.student import apply_lora, load_student
+from ..core.student import apply_lora, check_expected_layout, enable_gradient_checkpointing, load_student, torch_dtype
 from ..data.collate import StudentCollator
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optimization import clip_and_step, cosine_schedule, epoch_batches, seed_everything
@@ -106,13 +106,18 @@ def run_training(config: Mapping | RunSettings, context: RunContext, evaluate: C
     seed_everything(trainer.seed)
     device = context.device
 
-    model, processor = load_student(settings.model.path, attn_implementation=settings.model.attn_implementation)
+    model_cfg = settings.model
+    model, processor = load_student(model_cfg.path, attn_implementation=model_cfg.attn_implementation,
+                                    dtype=torch_dtype(model_cfg.dtype))
+    check_expected_layout(model, grid=model_cfg.grid, vision_feature_layer=model_cfg.vision_feature_layer)
     model = apply_lora(model, settings.lora)
+    if trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     objective = MedAlignObjective(model, settings.distill)  # checks the layer against the loaded model
     model.to(device)
     train_items = load_split(settings.data, "train")
     targets = TargetLookup(settings.teacher)  # reads the shared cache filled on the driver
-    collator = StudentCollator(processor, max_length=settings.data.max_length)
+    collator = StudentCollator(processor, max_length=settings.data.max_length, prompt_template=model_cfg.prompt_template)
 
     parameters = objective.trainable_parameters()
     optimizer = torch.optim.AdamW(parameters, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
@@ -148,7 +153,7 @@ def run_training(config: Mapping | RunSettings, context: RunContext, evaluate: C
             items = [train_items[i] for i in order[index]]
             batch, _ = collator(items)
             batch = {k: v.to(device) for k, v in batch.items()}
-            teacher = targets([item["image_path"] for item in items]).to(device)
+            teacher = targets([item["image_path"] for item in items], [item["question"] for item in items]).to(device)
             sync = accum == trainer.grad_accum - 1 or not hasattr(train_model, "no_sync")
             with (nullcontext() if sync else train_model.no_sync()), _autocast(device, trainer.precision):
                 terms = objective_forward(objective, train_model, batch, teacher)
@@ -216,8 +221,10 @@ def _log_predictions(logger, targets, objective: MedAlignObjective, step: int, s
         if logger is None:
             return
         shown = items[:4]
-        teacher = targets([item["image_path"] for item in shown])
-        teacher_attention = teacher_attention_map(teacher.cls_attention, teacher.grid, objective.student_grid)
+        teacher = targets([item["image_path"] for item in shown], [item["question"] for item in shown])
+        # The only place distill.teacher_max_normalize matters: how the panel scales the map.
+        teacher_attention = teacher_attention_map(teacher.attention, teacher.grid, objective.student_grid,
+                                                  max_normalize=objective.settings.teacher_max_normalize)
         logger.evaluation(step, split, items, answers, student_attention, teacher_attention, objective.student_grid)
 
     return log

@@ -34,8 +34,8 @@ def is_breakdown(column: str) -> bool:
 
 
 def is_count(column: str) -> bool:
-    """``val/n_closed`` and the like: sample counts, not metrics."""
-    return column.startswith(EVAL_PREFIXES) and column.split("/", 1)[1].startswith("n_")
+    """``val/n_closed``, ``val/by_qtype/count/n_open`` and the like: sample counts, not metrics."""
+    return column.startswith(EVAL_PREFIXES) and column.rsplit("/", 1)[-1].startswith("n_")
 
 
 def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics: Sequence[str],
@@ -44,7 +44,7 @@ def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics
     """One row per trial, ranked by the first metric (trials without it last, in trial order).
 
     Args:
-        records: :func:`medalign_platform.tune.sweep.trial_records` output.
+        records: :func:`medalign_platform.tune.records.trial_records` output.
         param_keys: the search-space keys, in column order.
         metrics, modes: the sweep metrics and their min/max modes.
         numbers: Optuna trial number per Tune trial id.
