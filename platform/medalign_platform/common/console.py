@@ -19,13 +19,17 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+QUIET_LOGGERS = ("ray.tune", "ray.train")  # their INFO lines in Ray's worker processes: trial.log, not the console
+
 
 @contextlib.contextmanager
 def output_to_file(path: str | Path | None) -> Iterator[Path | None]:
     """Sends this process's stdout and stderr (file descriptors 1 and 2) to ``path`` (appended).
 
     ``None`` leaves the output where it is. Python warnings are shown once per location
-    and go to the file as well, through the redirected stderr.
+    and go to the file as well, through the redirected stderr; so do Tune's and Train's
+    INFO lines ("Checkpoint successfully created"), which :func:`quiet_ray_worker` keeps
+    off the console otherwise.
     """
     if path is None:
         yield None
@@ -37,13 +41,18 @@ def output_to_file(path: str | Path | None) -> Iterator[Path | None]:
             stream.flush()
     saved = [os.dup(1), os.dup(2)]
     target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
     try:
         os.dup2(target, 1)
         os.dup2(target, 2)
+        for name in QUIET_LOGGERS:  # in the file they are the record of what Ray did for this run
+            logging.getLogger(name).setLevel(logging.INFO)
         with warnings.catch_warnings():
             warnings.simplefilter("default")
             yield path
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -66,9 +75,6 @@ class DropMessages(logging.Filter):
         except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
             return True
         return not any(fragment in message for fragment in self.fragments)
-
-
-QUIET_LOGGERS = ("ray.tune", "ray.train")
 
 
 def quiet_ray_worker() -> None:
