@@ -127,3 +127,32 @@ def test_a_checkpoint_written_before_manifests_existed_still_loads(tmp_path, tra
     (folder / "rng.safetensors").write_bytes(b"")
     with pytest.raises(CheckpointError, match="rng.safetensors is missing or empty"):
         verify_checkpoint(folder)
+
+
+def test_a_restarted_ray_train_worker_resumes_from_the_newest_complete_checkpoint_of_its_run(tmp_path, trained):
+    """Ray persists a reported checkpoint before its controller records it: a worker that dies in
+    between must not make the next attempt redo those steps (nor use a half-copied folder)."""
+    from types import SimpleNamespace
+
+    from medalign_platform.run.ray_train import resume_source
+
+    run = tmp_path / "run"
+    recorded = _save(run, 2, trained)
+    _step(trained)
+    newer = _save(run, 4, trained)
+    partial = run / "checkpoint_2030-01-01_00-00-00.000000"  # a copy cut short by the kill
+    shutil.copytree(newer, partial)
+    (partial / "trainer_state.json").write_text(json.dumps({"step": 6}))
+
+    def ray_checkpoint(folder: Path):
+        return SimpleNamespace(path=str(folder), filesystem=SimpleNamespace(type_name="local"),
+                               to_directory=lambda target: str(folder))
+
+    scratch = tmp_path / "scratch"
+    with pytest.warns(IncompleteCheckpointWarning, match=partial.name):
+        assert resume_source(ray_checkpoint(recorded), run)(scratch) == newer
+    with pytest.warns(IncompleteCheckpointWarning):
+        assert resume_source(None, run)(scratch) == newer  # Ray recorded none at all
+    shutil.rmtree(partial)
+    assert resume_source(ray_checkpoint(newer), run)(scratch) == newer  # Ray's own, copied as before
+    assert resume_source(None, tmp_path / "fresh") is None
