@@ -126,3 +126,52 @@ def test_the_ablation_tensorboard_is_built_beside_and_swapped_in(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-built sibling left
     log_tensorboard(result, png, "| table |", tmp_path / "tensorboard")
     assert len(list(board.iterdir())) == 1  # rebuilt from scratch: one event file, not two
+
+
+def _progress_trial(trial_id: str, layer: int, status: str = "RUNNING"):
+    return SimpleNamespace(trial_id=trial_id, status=status, path=f"/s/trial_{trial_id}",
+                           config={"distill": {"layer": layer, "lambda_align": 0.25}, "lora": {"rank": 4, "alpha": 8},
+                                   "trainer": {"max_steps": 6}, "_sweep": {"executor": "inline"}},
+                           run_metadata=SimpleNamespace(num_failures=0))
+
+
+def test_the_progress_view_shows_only_the_searched_values_the_best_so_far_and_where_the_logs_are():
+    import io
+
+    from medalign_platform.tune.progress import SweepProgress
+
+    stream = io.StringIO()
+    view = SweepProgress(name="s1", experiment_dir="/s", params=["distill.layer", "distill.lambda_align", "lora.rank"],
+                         metric="val/closed_accuracy", mode="max", num_samples=3, max_concurrent=2, max_steps=6,
+                         early_stopping="off", stream=stream, status_every_s=0.0)
+    a, b = _progress_trial("aa", 2), _progress_trial("bb", 3)
+    view.setup()
+    view.on_trial_start(0, [a, b], a)
+    view.on_trial_result(1, [a, b], a, {"step": 2, "val/closed_accuracy": 0.5, "config": {}})
+    view.on_trial_result(2, [a, b], b, {"step": 2, "val/closed_accuracy": 0.25})
+    view.on_step_end(3, [a, b])
+    view.on_trial_complete(4, [a, b], a)
+    view.on_trial_error(5, [a, b], b)
+    lines = [line.split("] ", 1)[-1] for line in stream.getvalue().splitlines()]
+    assert lines[0].startswith("medalign sweep s1: 3 trials, 2 at a time, val/closed_accuracy (max)")
+    assert "medalign dashboard /s" in lines[1] and "trial_<id>/trial.log" in lines[1]
+    assert lines[2] == "trial_aa started   layer=2 lambda_align=0.25 rank=4"  # no alpha, no _sweep
+    assert lines[3].startswith("trial_aa step 2/6  val/closed_accuracy=0.5") and lines[3].endswith("best 0.5 (aa)")
+    assert lines[4].endswith("best 0.5 (aa)")  # a worse result keeps the best
+    assert lines[5].startswith("status: 0 done, 2 running (aa 2/6, bb 2/6), 0 pending, 0 errored; best 0.5 (aa)")
+    assert lines[6].startswith("trial_aa finished  step 2/6 (stopped early) val/closed_accuracy=0.5")
+    assert lines[7] == "trial_bb ERROR     after step 2: see /s/trial_bb/error.txt and trial.log"
+    assert len(lines) == 8
+
+
+@pytest.mark.parametrize("verbose, tune_level, log_file", [(0, 0, True), (1, 0, True), (2, 1, False), (3, 2, False)])
+def test_sweep_verbose_2_restores_tune_s_output_and_the_trials_own_console(tmp_path, verbose, tune_level, log_file):
+    from medalign_platform.tune.driver import tune_verbosity
+    from medalign_platform.tune.trial import trial_base_config, trial_run_config
+
+    plan = SimpleNamespace(trial_resources={"CPU": 1}, num_workers=1, experiment_dir=tmp_path, executor="inline",
+                           verbose=verbose)
+    base = {"ray": {}, "run": {"name": "x"}}
+    config = trial_run_config(trial_base_config(base, plan, SimpleNamespace(rules={})), tmp_path / "trial_aa")
+    assert tune_verbosity(verbose) == tune_level
+    assert config["run"].get("console_log") == (str(tmp_path / "trial_aa" / "trial.log") if log_file else None)
