@@ -19,12 +19,11 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..common.atomic import write_json_atomic
 from ..common.errors import ConfigError
 from ..common.overrides import parse_overrides, split_overrides, texts
 from .compose import compose_config
+from .filesystems import StoragePath, join, normalize
 from .settings import RunSettings
 
 CONFIG_FILE = "config.json"    # the run's complete resolved config, in its folder
@@ -43,7 +42,7 @@ def resolve_run_settings(overrides: Sequence[str] = (), config: dict | None = No
     settings = RunSettings.from_config(config if config is not None else compose_config(overrides))
     run = settings.run
     run.name = run.name or default_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.log_dir = run.log_dir or str(settings.run_dir / "tensorboard")  # absolute: workers run elsewhere
+    run.log_dir = run.log_dir or join(settings.run_location, "tensorboard")  # absolute: workers run elsewhere
     settings.check_paths()
     return settings
 
@@ -63,6 +62,7 @@ def ensure_ray(settings: RunSettings, quiet: bool = False) -> None:
     import ray
 
     from .cluster import check_reachable, ray_init_address
+    from .network import loopback_cluster
     from .ray_train import train_control_env, worker_env
 
     control = train_control_env(settings.ray)
@@ -77,7 +77,8 @@ def ensure_ray(settings: RunSettings, quiet: bool = False) -> None:
         runtime_env: dict = {"env_vars": env_vars}
         if quiet:
             runtime_env["worker_process_setup_hook"] = "medalign_platform.common.console.quiet_ray_worker"
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+        with loopback_cluster(address):  # a cluster of our own serves nothing to other machines
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
 
 
 def _job_env_vars() -> dict:
@@ -148,7 +149,7 @@ def split_resume(overrides: Sequence[str]) -> tuple[bool, list[str]]:
     return resume, texts(rest)
 
 
-def check_run_folder(run_dir: Path, resume: bool) -> None:
+def check_run_folder(run_dir: StoragePath, resume: bool) -> None:
     """Refuses to start a new run in a folder that already holds one (two runs would mix their events).
 
     Raises:
@@ -168,14 +169,14 @@ def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None
     if resume is None:
         resume, overrides = split_resume(overrides)
     settings = settings or resolve_run_settings(overrides)
-    settings.run.output_dir = str(settings.run_dir.parent)  # absolute, for Ray's storage path and the records
-    run_dir = settings.run_dir
+    settings.run.output_dir = normalize(settings.run.output_dir)  # absolute, for Ray's storage path and the records
+    run_dir = StoragePath(settings.run_location)  # a local folder or a URI (s3://...)
     check_run_folder(run_dir, resume)
     cache = driver_prologue(settings, output_dir=settings.run.output_dir, setting="run.output_dir")
     ray_cfg = settings.ray
     check_fits(worker_resources(ray_cfg.resources_per_worker, ray_cfg.use_gpu), ray_cfg.num_workers,
                "ray.resources_per_worker")
-    write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
+    (run_dir / CONFIG_FILE).write_json(settings.to_dict())
     result = build_trainer(settings).fit()
     if result.error is not None:
         raise result.error
@@ -186,5 +187,5 @@ def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
         "target_cache": cache,
     }
-    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    (run_dir / SUMMARY_FILE).write_json(summary)
     return summary

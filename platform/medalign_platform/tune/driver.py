@@ -8,7 +8,12 @@
   and the model, and the sweep options resolved into a plan.
 * Search: Optuna (``OptunaSearch``) with TPE (default), random, CMA-ES, NSGA-II or a grid
   sampler, seeded by ``sweep.seed``; seed points from the space's ``points_to_evaluate``
-  run first. The study lives in ``EXP_DIR/optuna.db`` (SQLite, study name = sweep name).
+  run first. The study (study name = sweep name) lives where ``sweep.storage`` says: by
+  default ``EXP_DIR/optuna.db`` (SQLite), else a journal file or a database such as
+  PostgreSQL (:mod:`.study_storage`).
+* Storage: ``sweep.output_dir`` is a local folder or a URI (``s3://bucket/prefix``); the
+  driver and the trials write the experiment folder through
+  :mod:`medalign_platform.run.filesystems`, Tune persists its state and checkpoints there.
 * Early stopping: ASHA on the training step (``time_attr="step"``); multi-objective sweeps
   (``sweep.metrics=[a,b]``) run without it.
 * Resources: ``sweep.trial_resources`` per trial worker. With Ray Train trials the workers
@@ -38,14 +43,16 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..common.atomic import write_json_atomic, write_text_atomic
+from ..common.atomic import write_text_atomic
 from ..common.errors import ConfigError
 from ..common.keys import tune_key
-from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, load_spec, read_driver_state,
+from ..run.filesystems import StoragePath
+from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, check_private, load_spec, read_driver_state,
                      trial_dirname, trial_folder, write_driver_state)
 from .outcome import interruptible
 from .search_space import SearchSpace, load_search_space
 from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan
+from .study_storage import StudyUploader, connect, resolve_storage, study_file_name
 from .trial import sweep_trial, trial_base_config
 
 logger = logging.getLogger(__name__)
@@ -121,17 +128,18 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
     started = time.time()
     plan, space, base = prepared or prepare_sweep(request)
     base_config = base.to_dict()
-    experiment_dir = plan.experiment_dir
-    restorable = tune.Tuner.can_restore(str(experiment_dir))
+    location = StoragePath(plan.experiment_location)
+    restorable = tune.Tuner.can_restore(str(location))
     # A folder with sweep.json but no Tune state and no trial is a start that failed its checks.
-    if (restorable or any(experiment_dir.glob("trial_*"))) and not plan.resume:
-        raise ConfigError(f"{experiment_dir} already holds sweep {plan.name!r}: pass resume=true to continue it, "
+    if (restorable or any(p.name.startswith("trial_") for p in location.iterdir())) and not plan.resume:
+        raise ConfigError(f"{location} already holds sweep {plan.name!r}: pass resume=true to continue it, "
                           f"or a new sweep.name")
     if plan.resume and restorable:
-        spec = load_spec(experiment_dir)
+        check_private(str(location))  # resume unpickles Tune's state files from this folder
+        spec = load_spec(location)
         if spec["search_space"] != space.to_dict() or spec["config_overrides"] != plan.config_overrides:
             logger.warning("resume: continuing %s with its recorded search space and config; the search space "
-                           "file or overrides given now differ and are ignored", experiment_dir)
+                           "file or overrides given now differ and are ignored", location)
         recorded = spec["settings"]
         for key in ("resume_errored", "restart_errored", "verbose"):
             recorded[key] = getattr(plan, key)
@@ -139,38 +147,41 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
         base_config = spec["base_config"]
     else:
         check_selection_metrics(base, _selection_metrics(plan))
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(experiment_dir / SWEEP_SPEC_FILE, {
+    study = open_study(plan, location)  # before Ray starts: a database that is down fails here
+    if not (plan.resume and restorable):
+        location.mkdir(private=True)
+        (location / SWEEP_SPEC_FILE).write_json({
             "settings": plan.to_dict(), "base_config": base_config, "search_space": space.to_dict(),
             "search_file": space.source, "config_overrides": plan.config_overrides,
         })
 
     from .progress import driver_console
 
-    write_driver_state(experiment_dir, "running")
-    with driver_console(experiment_dir / DRIVER_LOG, plan.verbose) as console, interruptible() as interruption:
+    # The driver's log is a local file: beside sweep.json, or for a remote experiment in the driver's own folder.
+    driver_log = (location.local() if not location.is_remote else plan.study_dir) / DRIVER_LOG
+    write_driver_state(location, "running")
+    with driver_console(driver_log, plan.verbose) as console, interruptible() as interruption:
         try:
-            summary = _launch(plan, space, base, base_config, restorable, interruption, console)
+            summary = _launch(plan, space, base, base_config, restorable, interruption, console, study, location)
         except KeyboardInterrupt:  # a second Ctrl-C / SIGTERM, or one before Tune's loop ran
             if interruption.signum is None:
                 interruption.signum = signal.SIGINT
             summary = None
         except BaseException:
-            write_driver_state(experiment_dir, "failed")
+            write_driver_state(location, "failed")
             raise
         state = "interrupted" if interruption.signum else "finished"
-        write_driver_state(experiment_dir, state)
+        write_driver_state(location, state)
         if summary is None or interruption.signum:
-            summary = {**(summary or {}), **_summary(experiment_dir, started)}
+            summary = {**(summary or {}), **_summary(location, started, study)}
     summary["wall_s"] = time.time() - started
     summary["interrupted"] = interruption.name
     summary["num_samples"] = plan.num_samples
-    summary["logs"] = _log_locations(experiment_dir, console.log_file if console.quiet else None, plan)
+    summary["logs"] = _log_locations(location, console.log_file if console.quiet else None, plan)
     summary["errored"] = [{"trial_id": r["trial_id"], "error": r["error"]} for r in summary.get("records", [])
                           if r["status"] == "ERROR"]
-    write_json_atomic(experiment_dir / SUMMARY_FILE, summary)
-    write_driver_state(experiment_dir, read_driver_state(experiment_dir).get("state", "finished"),
-                       trials=summary.get("trials"))
+    (location / SUMMARY_FILE).write_json(summary)
+    write_driver_state(location, read_driver_state(location).get("state", "finished"), trials=summary.get("trials"))
     return {k: v for k, v in summary.items() if k != "records"}
 
 
@@ -181,12 +192,13 @@ def _selection_metrics(plan: SweepPlan) -> dict[str, str]:
     return {f"sweep.metrics[{i}]": metric for i, metric in enumerate(plan.metrics)}
 
 
-def _summary(experiment_dir, started: float) -> dict:
+def _summary(experiment_dir, started: float, study=None) -> dict:
     """The summary of a sweep from its folder, or a minimal one when Tune never saved its state."""
     from .records import summarize
 
     try:
-        return summarize(experiment_dir, wall_s=time.time() - started, close_orphans=False, running=False)
+        return summarize(experiment_dir, wall_s=time.time() - started, close_orphans=False, study=study,
+                         running=False)
     except Exception as error:  # noqa: BLE001 - stopped before Tune wrote anything: report that instead
         logger.info("no summary of %s: %s", experiment_dir, error)
         return {"experiment_dir": str(experiment_dir), "trials": {}, "num_trials": 0, "records": [],
@@ -201,7 +213,7 @@ def _log_locations(experiment_dir, driver_log, plan: SweepPlan) -> str | None:
 
 
 def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restorable: bool, interruption,
-            console) -> dict:
+            console, study, location: StoragePath) -> dict:
     """Everything after the checks: targets, Ray, resources, the Tuner, ``fit`` and the summary."""
     from ray import tune
 
@@ -210,7 +222,6 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
     from .records import summarize
 
     started = time.time()
-    experiment_dir = plan.experiment_dir
     target_cache = driver_prologue(base, output_dir=plan.output_dir, setting="sweep.output_dir",
                                    quiet=plan.verbose < 2)
     interruption.install()  # ray.init replaced the SIGTERM handler with its crash handler
@@ -236,12 +247,18 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
     os.environ[DISABLE_TUNE_LOGGERS_ENV] = "1"  # TrialResultLog replaces them (append-only, no second TensorBoard)
     if any(metric.startswith("test/") for metric in plan.metrics):  # allowed: reported at each trial's end only
         os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
-    callbacks = _callbacks(plan, space, concurrency)
+    callbacks = _callbacks(plan, space, concurrency, study, location)
+    uploader = _study_uploader(study, location)
     if plan.resume and restorable:
-        mark_errored_in_state(experiment_dir)
-        if plan.restart_errored:
-            set_aside_errored_trials(experiment_dir)
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(plan), resume_unfinished=True,
+        if location.is_remote:
+            if plan.restart_errored:
+                logger.warning("sweep.restart_errored on remote storage: errored trials keep what they left in "
+                               "their folders (it is set aside on local folders only)")
+        else:
+            mark_errored_in_state(location.local())
+            if plan.restart_errored:
+                set_aside_errored_trials(location.local())
+        tuner = tune.Tuner.restore(str(location), trainable=_trainable(plan), resume_unfinished=True,
                                    resume_errored=plan.resume_errored, restart_errored=plan.restart_errored)
         # The restored run config is the pickled original: this run's console settings replace its callbacks.
         run_config = tuner._local_tuner.get_run_config()
@@ -254,8 +271,13 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
             tuner.fit()
     finally:
         interruption.tune_running = False
-    summary = summarize(experiment_dir, wall_s=time.time() - started, close_orphans=not interruption.signum,
+        if uploader is not None:
+            uploader.stop()
+    summary = summarize(location, wall_s=time.time() - started, close_orphans=not interruption.signum, study=study,
                         running=False)
+    if uploader is not None:
+        uploader.upload()  # close_orphans may have changed it
+        summary["study"]["storage"] = str(uploader.remote)
     summary["resumed"] = bool(plan.resume and restorable)
     summary["target_cache"] = target_cache
     return summary
@@ -266,15 +288,14 @@ def tune_verbosity(verbose: int) -> int:
     return {0: 0, 1: 0, 2: 1, 3: 2}[verbose]
 
 
-def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int) -> list:
+def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int, study, location: StoragePath) -> list:
     from .progress import SweepProgress
     from .result_log import StudyLink, TrialErrors, TrialResultLog
 
-    callbacks = [TrialResultLog(), StudyLink(plan.storage_url, plan.name, plan.metrics),
-                 TrialErrors(str(plan.experiment_dir))]
+    callbacks = [TrialResultLog(), StudyLink(study, plan.name, plan.metrics), TrialErrors(str(location))]
     if plan.verbose == 1:
         callbacks.append(SweepProgress(
-            name=plan.name, experiment_dir=str(plan.experiment_dir),
+            name=plan.name, experiment_dir=str(location),
             params=[key for key, param in space.params.items() if param.sampled], metric=plan.metrics[0],
             mode=plan.modes[0], num_samples=plan.num_samples, max_concurrent=concurrency, max_steps=plan.asha["max_t"],
             early_stopping="asha" if plan.asha_enabled else "off"))
@@ -341,6 +362,44 @@ def set_aside_errored_trials(experiment_dir) -> list[str]:
     return moved
 
 
+def open_study(plan: SweepPlan, location: StoragePath):
+    """The sweep's study storage (``sweep.storage``), checked by opening it once.
+
+    A file study of a remote experiment lives in the driver's :attr:`SweepPlan.study_dir`;
+    it starts from the experiment folder's copy when that one is newer (a resume elsewhere).
+
+    Raises:
+        ConfigError: the storage cannot be opened (naming ``sweep.storage`` and the fix).
+    """
+    storage = resolve_storage(plan.storage, plan.study_dir)
+    name = study_file_name(storage)
+    if location.is_remote and name is not None:
+        local, remote = Path(storage.target), location / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(local.parent, 0o700)
+        remote_mtime = _remote_mtime(remote)
+        if remote_mtime is not None and (not local.is_file() or local.stat().st_mtime < remote_mtime):
+            local.write_bytes(remote.read_bytes())
+    connect(storage)
+    return storage
+
+
+def _remote_mtime(place: StoragePath) -> float | None:
+    info = place.fs.get_file_info(place.path)
+    if not info.is_file:
+        return None
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
+def _study_uploader(storage, location: StoragePath):
+    """The started :class:`StudyUploader` that copies a remote experiment's file study into it
+    while the sweep runs (None for a local experiment or a database study)."""
+    name = study_file_name(storage)
+    if not location.is_remote or name is None:
+        return None
+    return StudyUploader(Path(storage.target), location / name).start()
+
+
 # --------------------------------------------------------------------------- Tune and Optuna
 
 
@@ -393,10 +452,9 @@ def sampler(plan: SweepPlan, space: SearchSpace):
 
 
 def study_storage(plan: SweepPlan):
-    """The study's RDB storage (SQLite, with a generous lock timeout for concurrent trials)."""
-    import optuna
-
-    return optuna.storages.RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+    """The study's Optuna storage (``sweep.storage``: SQLite with a generous lock timeout for
+    concurrent readers by default; a journal file; or a database such as PostgreSQL)."""
+    return resolve_storage(plan.storage, plan.study_dir).open()
 
 
 def _new_points(plan: SweepPlan, points: list[dict]) -> list[dict]:

@@ -26,6 +26,7 @@ from ray.tune import Callback
 from ray.tune.logger import LoggerCallback
 
 from ..common.keys import flatten, get_flat
+from ..run.filesystems import StoragePath
 from .layout import ERRORED_FILE, read_errored
 from .trial import scalars
 
@@ -122,14 +123,14 @@ class StudyLink(Callback):
     history and optuna-dashboard).
     """
 
-    def __init__(self, storage_url: str, study_name: str, metrics: list[str]):
-        self.storage_url, self.study_name, self.metrics = storage_url, study_name, list(metrics)
+    def __init__(self, study_storage, study_name: str, metrics: list[str]):
+        """``study_storage``: the sweep's :class:`~medalign_platform.tune.study_storage.StudyStorage`."""
+        self.study_storage, self.study_name, self.metrics = study_storage, study_name, list(metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         import optuna
 
-        storage = optuna.storages.RDBStorage(self.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
-        study = optuna.load_study(study_name=self.study_name, storage=storage)
+        study = optuna.load_study(study_name=self.study_name, storage=self.study_storage.open())
         known = study.get_trials(deepcopy=False)
         if any(t.user_attrs.get("tune_trial_id") == trial.trial_id for t in known):
             return
@@ -162,19 +163,17 @@ class TrialErrors(Callback):
     """
 
     def __init__(self, experiment_dir: str):
-        self.path = Path(experiment_dir) / ERRORED_FILE
+        self.experiment = StoragePath(experiment_dir)  # a local folder or a URI
 
     def _update(self, trial_id: str, errored: bool) -> None:
-        from ..common.atomic import write_json_atomic
-
-        current = read_errored(self.path.parent)
+        current = read_errored(self.experiment)
         if errored:
             current[trial_id] = {"at": time.time()}
         elif trial_id not in current:
             return
         else:
             current.pop(trial_id)
-        write_json_atomic(self.path, current)
+        (self.experiment / ERRORED_FILE).write_json(current)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._update(trial.trial_id, True)
