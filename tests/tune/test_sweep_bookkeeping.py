@@ -169,8 +169,8 @@ def test_sweep_verbose_2_restores_tune_s_output_and_the_trials_own_console(tmp_p
     from medalign_platform.tune.driver import tune_verbosity
     from medalign_platform.tune.trial import trial_base_config, trial_run_config
 
-    plan = SimpleNamespace(trial_resources={"CPU": 1}, num_workers=1, experiment_dir=tmp_path, executor="inline",
-                           verbose=verbose)
+    plan = SimpleNamespace(trial_resources={"CPU": 1}, num_workers=1, experiment_location=str(tmp_path),
+                           executor="inline", verbose=verbose)
     base = {"ray": {}, "run": {"name": "x"}}
     config = trial_run_config(trial_base_config(base, plan, SimpleNamespace(rules={})), tmp_path / "trial_aa")
     assert tune_verbosity(verbose) == tune_level
