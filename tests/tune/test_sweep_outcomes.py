@@ -5,7 +5,11 @@ cluster start costs more than most of what is checked here).
   names; resources no node can offer are refused before launch (sweep and train).
 * A sweep whose trial errors exits 1 with the restart command, shows one quiet progress view
   (the trial's chatter in its ``trial.log``), and ``resume=true sweep.restart_errored=true``
-  restarts the trial from scratch, recorded in the study.
+  restarts the trial from scratch, recorded in the study. The errored run is a driver
+  process of its own (its console is what a user sees), with its own local cluster: the
+  clusters medalign starts listen on loopback only, and a second driver on this machine
+  cannot join one through ``RAY_ADDRESS`` (its ``ray.init`` waits for a raylet on the
+  machine's outward address).
 * ``medalign train`` refuses an existing run folder; ``resume=true`` continues it without
   repeating a step in TensorBoard.
 
@@ -109,13 +113,13 @@ def _leaderboard_statuses(experiment: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def errored_then_restarted(cluster_env):
-    """Run 1, a driver process of its own on this module's cluster (its console is what a user
-    sees): the only trial's process is SIGKILLed after step 3 with ray.max_failures=0, so the
-    trial errors. Run 2, in this process: ``resume=true sweep.restart_errored=true``."""
+    """Run 1, a driver process of its own (its console is what a user sees): the only trial's
+    process is SIGKILLed after step 3 with ray.max_failures=0, so the trial errors. Run 2, in
+    this process, on this module's cluster: ``resume=true sweep.restart_errored=true``."""
     root, _, marker = cluster_env
     overrides = [*ERR_SWEEP, f"sweep.output_dir={root / 'sweeps'}"]
     experiment = root / "sweeps" / "err"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": _gcs_address(cluster_env)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     marker.unlink()  # arm the kill
     first = subprocess.run([sys.executable, "-m", "medalign_platform", "sweep", *overrides], env=env,
                            capture_output=True, text=True, timeout=600)
