@@ -34,7 +34,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -609,6 +608,8 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
     if os.path.isfile(pretrained):
         return
     name = model_name.replace("/", "-")
+    import open_clip
+
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
         return
@@ -637,6 +638,8 @@ def load_teacher(model_name: str, pretrained: str | None = None, *,
         FileNotFoundError: missing local-dir or checkpoint file.
         ValueError: ``pretrained`` given with a schema name, or an unsupported tower.
     """
+    import open_clip  # here, not at the top: the cache and the targets' types need no open_clip
+
     _check_source(model_name, pretrained)
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained, device=device, precision=precision)
