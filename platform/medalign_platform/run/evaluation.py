@@ -9,11 +9,13 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..common.errors import MedAlignError
 from ..data.collate import generate_answers
 from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
 from ..data.splits import SplitItems, evaluation_items, load_split
@@ -22,22 +24,81 @@ if TYPE_CHECKING:
     from .settings import RunSettings, TeacherSettings
 
 
-class TargetLookup:
-    """Maps training items to their cached teacher targets.
+@dataclass(frozen=True)
+class TeacherKey:
+    """What identifies a teacher's targets in the cache: its fingerprint, native grid and width."""
 
-    The teacher is loaded once per worker (its weights define the cache key); image
-    content hashes are computed once per image; targets are read from the shared
+    identity: str
+    grid: tuple[int, int]
+    width: int
+
+
+class TargetLookup:
+    """Maps image files to their cached teacher targets.
+
+    The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`);
+    image content hashes are computed once per image; targets are read from the shared
     :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
-    :func:`precompute_targets` on the driver.
+    :func:`precompute_targets` on the driver. :meth:`detached` gives a copy that holds only
+    the key (what data-loader workers use): it loads the teacher only if an image is
+    missing from the cache.
+
+    Args:
+        teacher: the ``teacher`` section (``cache_dir``; ``name``/``pretrained`` to load it).
+        key: the teacher's key when already known; the teacher is then not loaded up front.
     """
 
-    def __init__(self, teacher: TeacherSettings):
+    def __init__(self, teacher: TeacherSettings, *, key: TeacherKey | None = None):
         from ..core.target_cache import TargetCache
+
+        self.settings = teacher
+        self.cache = TargetCache(teacher.cache_dir)
+        self._model = None
+        if key is None:
+            self._model = self._load()
+            key = TeacherKey(self._model.identity, tuple(self._model.grid), int(self._model.width))
+        self.key = key
+        self._hashes: dict[str, str] = {}
+
+    # What TargetCache needs of a teacher: the key's fields, and encode_images on a miss.
+    @property
+    def identity(self) -> str:
+        return self.key.identity
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.key.grid
+
+    @property
+    def width(self) -> int:
+        return self.key.width
+
+    @property
+    def teacher(self):
+        """The loaded teacher model (loaded now if this lookup was built from a key)."""
+        if self._model is None:
+            model = self._load()
+            if model.identity != self.key.identity:
+                raise MedAlignError(f"teacher {self.settings.name!r} is not the teacher the run was keyed on "
+                                    f"({model.identity[:12]} != {self.key.identity[:12]}); do not change its files "
+                                    "during a run")
+            self._model = model
+        return self._model
+
+    def _load(self):
         from ..core.teacher import load_teacher
 
-        self.teacher = load_teacher(teacher.name, teacher.pretrained)
-        self.cache = TargetCache(teacher.cache_dir)
-        self._hashes: dict[str, str] = {}
+        if not self.settings.name:
+            raise MedAlignError(f"teacher targets are missing from the cache {self.settings.cache_dir} and "
+                                "teacher.name is not set to compute them; set teacher.name (and .pretrained)")
+        return load_teacher(self.settings.name, self.settings.pretrained)
+
+    def encode_images(self, images, batch_size: int | None = None):
+        return self.teacher.encode_images(images, batch_size)
+
+    def detached(self) -> "TargetLookup":
+        """A lookup with this one's key and no teacher model (loaded only on a cache miss)."""
+        return TargetLookup(self.settings, key=self.key)
 
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash
@@ -49,7 +110,7 @@ class TargetLookup:
 
     def __call__(self, image_paths: Sequence[str]):
         """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order."""
-        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths])
+        return self.cache.get_or_compute(self, list(image_paths), keys=[self._hash(p) for p in image_paths])
 
 
 def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int = 2048) -> dict:

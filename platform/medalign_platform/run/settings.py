@@ -38,6 +38,9 @@ class ModelSettings(Settings):
     path: str | None = setting(None, "Student: a save_pretrained directory or a hub id (LLaVA family).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
         "sdpa", "Attention kernel of the student; the tap works with all three.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = setting(
+        "auto", "Weights of the student, in training and evaluation alike (LoRA and steer stay fp32); "
+                "auto: bf16 on a GPU, fp32 on the CPU.")
 
 
 @dataclass
@@ -83,6 +86,17 @@ class TrainerSettings(Settings):
     seed: int = setting(0, "Seeds LoRA/steer weights, data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     num_threads: int = setting(0, "torch CPU threads per worker (0 = leave as is).", ge=0)
+    data_workers: int = setting(
+        2, "DataLoader worker processes per training process (image decode, processor, teacher targets); "
+           "0 = in the training process. Capped at the CPUs the process holds minus one (inside Ray: its "
+           "CPU resources, e.g. ray.resources_per_worker.CPU or sweep.trial_resources.CPU).", ge=0)
+    prefetch_batches: int = setting(4, "Micro-batches each data worker prepares ahead.", ge=1)
+    gradient_checkpointing: bool = setting(
+        False, "Recompute decoder blocks in backward (non-reentrant; works with the tap's hooks and LoRA): "
+               "less activation memory, ~30% more compute.")
+    compile: bool = setting(
+        False, "torch.compile each LLM decoder block of the student (the tap's hooks compile with "
+               "block L); evaluation runs eager.")
 
 
 @dataclass
