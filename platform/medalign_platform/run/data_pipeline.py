@@ -143,7 +143,7 @@ class TrainCollate:
 
     Args:
         collator: the training :class:`~medalign_platform.data.collate.StudentCollator`.
-        targets: ``image paths -> TeacherOutputs`` (a detached
+        targets: ``image paths -> TeacherOutputs`` (the run's
             :class:`~medalign_platform.run.evaluation.TargetLookup`), or None.
         locator: the tap's :class:`~medalign_platform.core.tap.SpanLocator`, or None.
     """

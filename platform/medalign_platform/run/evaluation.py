@@ -39,9 +39,10 @@ class TargetLookup:
     The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`);
     image content hashes are computed once per image; targets are read from the shared
     :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
-    :func:`precompute_targets` on the driver. :meth:`detached` gives a copy that holds only
-    the key (what data-loader workers use): it loads the teacher only if an image is
-    missing from the cache.
+    :func:`precompute_targets` on the driver. Data-loader workers use the training
+    process's lookup (forked, so the teacher model is shared, not copied). Built from a
+    ``key`` alone, a lookup loads the teacher only if an image is missing from the cache
+    (benchmarks use this with a cache of random targets and no teacher at all).
 
     Args:
         teacher: the ``teacher`` section (``cache_dir``; ``name``/``pretrained`` to load it).
@@ -95,10 +96,6 @@ class TargetLookup:
 
     def encode_images(self, images, batch_size: int | None = None):
         return self.teacher.encode_images(images, batch_size)
-
-    def detached(self) -> "TargetLookup":
-        """A lookup with this one's key and no teacher model (loaded only on a cache miss)."""
-        return TargetLookup(self.settings, key=self.key)
 
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash

@@ -192,8 +192,7 @@ def build_run(settings: RunSettings, context: RunContext) -> RunParts:
     items = TrainItems(load_split(settings.data, "train"))
     collate = TrainCollate(
         StudentCollator(processor, max_length=settings.data.max_length),
-        # Workers get a lookup without the teacher model: it is loaded there only on a cache miss.
-        (targets.detached() if hasattr(targets, "detached") else targets) if objective.active else None,
+        targets if objective.active else None,  # forked workers share the loaded teacher
         objective.tap.locator())
     cpus = context.cpus if context.cpus is not None else available_cpus()
     parameters = objective.trainable_parameters()
