@@ -66,6 +66,9 @@ def compile_blocks(model: nn.Module, backend: str | None = None) -> int:
 
     In place, so parameter names, peft's adapter saving and the checkpoints are unchanged.
     """
+    # Dynamo does not guard on module hooks by default: block L (hooked) would silently reuse
+    # the graph of an unhooked block, dropping the tap. With hook guards it gets its own graph.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(backend=backend or COMPILE_BACKEND)
