@@ -35,7 +35,7 @@ else
   STEP_ARGS=(--size 7b --batch 8 --steps 10 --warmup 3)
   COMPILE_ARGS=(--compile-backend "${COMPILE_BACKEND:-inductor}")
   LOOP_ARGS=(--size 7b --batch 8 --steps 10 --warmup 3)
-  LIMIT_STEP=${LIMIT_STEP:-150}; LIMIT_COMPILE=${LIMIT_COMPILE:-270}; LIMIT_LOOP=${LIMIT_LOOP:-150}
+  LIMIT_STEP=${LIMIT_STEP:-150}; LIMIT_COMPILE=${LIMIT_COMPILE:-240}; LIMIT_LOOP=${LIMIT_LOOP:-180}
 fi
 
 "$PYTHON" - "$OUT/env.json" "$SIZE" <<'EOF'

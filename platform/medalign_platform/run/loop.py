@@ -293,7 +293,8 @@ def train(parts: RunParts, evaluate: Callable | None = None) -> dict:
     step = start_step = state["step"]
     watch = NonFiniteWatch(["loss", *objective.term_names], parts.device)
     loader = parts.micro_batches(step * trainer.grad_accum, trainer.max_steps * trainer.grad_accum)
-    batches = _Timed(iter(loader))
+    iterator = iter(loader)
+    batches = _Timed(iterator)
     loop_seconds, samples = 0.0, 0
     model.train()
     last_metrics: dict = {}
@@ -339,7 +340,11 @@ def train(parts: RunParts, evaluate: Callable | None = None) -> dict:
             if context.after_step is not None:
                 context.after_step(step)
     finally:
-        batches = None  # shuts the loader's worker processes down
+        # The workers end with the loop, also on an error (whose traceback would keep the
+        # iterator, and so the worker processes, alive until it is collected).
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
     if context.logger is not None:
         context.logger.hparams({k: v for k, v in last_metrics.items() if k.startswith(("val/", "test/"))})
     return last_metrics
