@@ -246,7 +246,7 @@ def run(args: argparse.Namespace) -> dict:
     seq_len = grid * grid + args.seq_text
 
     config = {
-        "model": {"path": f"random-{args.size}", "dtype": "bf16" if dtype == torch.bfloat16 else "fp32"},
+        "model": {"path": f"random-{args.size}", "dtype": "bfloat16" if dtype == torch.bfloat16 else "float32"},
         "teacher": {"cache_dir": teacher_settings.cache_dir},
         "data": {"train": str(data), "val": str(data), "test": str(data), "max_length": seq_len + 8},
         "distill": {"layer": layer, "lambda_align": 1.0, "lambda_attn": 0.06},

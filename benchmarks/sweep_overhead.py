@@ -52,7 +52,7 @@ def sweep_overrides(output_dir: Path, name: str, trials: int, steps: int) -> lis
 
 def run_variant(variant: str, output_dir: Path, trials: int, steps: int) -> dict:
     """One sweep in this process; returns its timings (called in a child process)."""
-    from medalign_platform.tune.sweep import run_sweep
+    from medalign_platform.tune.driver import run_sweep
 
     started = time.perf_counter()
     summary = run_sweep(sweep_overrides(output_dir, variant, trials, steps) + VARIANTS[variant])

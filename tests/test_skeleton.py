@@ -58,7 +58,8 @@ def test_overrides_parse_hydra_style_with_typed_values():
 
 
 def test_every_subcommand_has_a_handler_and_path_commands_need_a_path():
-    assert set(SUBCOMMANDS) == {"prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export"}
+    assert set(SUBCOMMANDS) == {"prepare", "train", "sweep", "ablate-layers", "status", "dashboard", "export",
+                                "convert", "check"}
     assert all(callable(handler) for _, handler, _ in SUBCOMMANDS.values())
     for command in ("status", "dashboard"):
         with pytest.raises(SystemExit, match=f"usage: medalign {command} EXP_DIR"):
@@ -71,3 +72,10 @@ def test_the_package_facade_exposes_the_main_api_lazily():
             "assert MedAlignObjective.__module__ == 'medalign_platform.core.objective'; print(sorted(dir(m))[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().startswith("[")
+
+
+def test_convert_usage_and_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit, match="usage: medalign convert llava-med SRC OUT"):
+        main(["convert", "llava-med", "only-one"])
+    assert main(["convert", "unimed-clip", "/nonexistent.pt", "/tmp/never-written"]) == 2
+    assert "/nonexistent.pt" in capsys.readouterr().err

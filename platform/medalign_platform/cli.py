@@ -26,10 +26,15 @@ def _prepare(args) -> int:
     from .common.errors import ConfigError
     from .synthmed.prepare import SynthMedPrepareSettings, prepare_synthmed, synthmed_root
 
-    options = as_tree(parse_overrides(args.overrides))
-    dataset = options.pop("data", None)
+    overrides = parse_overrides(args.overrides)
+    dataset = next((o.value for o in reversed(overrides) if o.key == "data"), None)
+    if dataset is None:
+        raise ConfigError("name the dataset: data=synthmed, or a release: data=vqa_rad|slake|pathvqa|iu_xray|"
+                          "mimic_cxr|llava_med data.source=PATH (docs/datasets.md)")
     if dataset != "synthmed":
-        raise ConfigError(f"only data=synthmed can be prepared (got data={dataset!r})")
+        return _prepare_release(overrides)
+    options = as_tree(overrides)
+    options.pop("data", None)
     settings = SynthMedPrepareSettings.from_dict(options)
     prepared = prepare_synthmed(settings)
     teacher, student = prepared.teacher_metrics, prepared.student_metrics
@@ -40,6 +45,21 @@ def _prepare(args) -> int:
           f"{teacher.get('attention_lift', float('nan')):.2f}x")
     print(f"  student: {prepared.student_dir}  val closed accuracy = {student.get('closed_accuracy', float('nan')):.3f}, "
           f"open recall = {student.get('open_recall', float('nan')):.3f}")
+    return 0
+
+
+def _prepare_release(overrides) -> int:
+    """``medalign prepare data=vqa_rad data.source=PATH [data.KEY=...] [rebuild=true]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import texts
+    from .data.prepare import prepare_command
+    from .run.compose import compose_prepare_section
+
+    rebuild = [o for o in overrides if o.key == "rebuild"]
+    if rebuild and not isinstance(rebuild[-1].value, bool):
+        raise ConfigError(f"rebuild must be true or false, got {rebuild[-1].value!r}")
+    section = compose_prepare_section(texts(o for o in overrides if o.key != "rebuild"))
+    prepare_command(section, rebuild=bool(rebuild) and rebuild[-1].value)
     return 0
 
 
@@ -96,9 +116,39 @@ def _export(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .convert.command import convert_command
+
+    return convert_command(args)
+
+
+def _check(args) -> int:
+    """``medalign check experiment=... [check.gpus=[80,141]] [sweep.trial_resources.GPU=0.5] [key=value ...]``."""
+    from .common.errors import ConfigError
+    from .common.overrides import split_overrides, texts
+    from .run.driver import resolve_run_settings
+    from .run.preflight import CheckOptions, PreflightReport, parse_gpus, run_preflight
+    from .tune.settings import SweepOptions
+
+    parsed = parse_overrides(args.overrides)
+    check, rest = split_overrides(parsed, lambda key: key.startswith("check."))
+    sweep, rest = split_overrides(rest, lambda key: key.startswith("sweep."))
+    options = CheckOptions.from_dict(as_tree(check, strip="check."))
+    trial_resources = SweepOptions.from_dict(as_tree(sweep, strip="sweep.")).trial_resources
+    try:
+        settings = resolve_run_settings(texts(rest), default_name="check")
+    except ConfigError as error:  # a config problem is one of the preflight's findings
+        print(PreflightReport(problems=[str(error)]).text())
+        return 2
+    report = run_preflight(settings, parse_gpus(options.gpus) if options.gpus is not None else None, trial_resources)
+    print(report.text())
+    return 0 if report.ok else 2
+
+
 # Subcommand -> (help, handler, usage line when its path argument is missing, or None).
 SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
-    "prepare": ("Build a dataset, the tiny expert teacher and tiny base student (SynthMed).", _prepare, None),
+    "prepare": ("Build SynthMed (data, tiny expert teacher, tiny base student) or convert a public release "
+                "(data=vqa_rad|slake|pathvqa|iu_xray|mimic_cxr|llava_med data.source=PATH).", _prepare, None),
     "train": ("Run one MedAlign distillation on Ray Train.", _train, None),
     "sweep": ("Ray Tune + Optuna search over loss weights, layer and LoRA rank.", _sweep, None),
     "ablate-layers": ("Grid of distillation layers x seeds with everything else fixed.", _ablate_layers, None),
@@ -108,6 +158,9 @@ SUBCOMMANDS: dict[str, tuple[str, Callable, str | None]] = {
                   "medalign dashboard EXP_DIR [port=6006] [optuna_port=8080]"),
     "export": ("Export a run's LoRA adapter and steer weights for peft.", _export,
                "medalign export RUN_DIR --out DIR"),
+    "convert": ("Convert a released checkpoint: llava-med SRC OUT [VISION_TOWER] | unimed-clip SRC.pt OUT.",
+                _convert, None),
+    "check": ("Preflight without weights: config, files, grids, dtype, GPU memory per trial.", _check, None),
 }
 
 
@@ -125,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("path", nargs="?", help="experiment or run directory")
         if name == "export":
             sub.add_argument("--out", required=False, help="directory to write the adapter to")
+        if name == "convert":
+            from .convert.command import add_arguments
+
+            add_arguments(sub)
+            continue
         sub.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra-style config overrides")
     return parser
 
@@ -135,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if usage is not None and not args.path:
         raise SystemExit(f"usage: {usage}")
     try:
-        parse_overrides(args.overrides)  # reject malformed overrides before anything else
+        parse_overrides(getattr(args, "overrides", []))  # reject malformed overrides before anything else
         return handler(args)
     except (MedAlignError, FileNotFoundError) as error:
         print(f"medalign {args.command}: {error}", file=sys.stderr)

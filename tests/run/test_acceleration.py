@@ -15,17 +15,18 @@ import torch
 from conftest import make_batch, random_teacher_targets
 
 from medalign_platform.core.objective import DistillSettings, MedAlignObjective
-from medalign_platform.core.student import LoraSettings, apply_lora, decoder_layers, load_student
-from medalign_platform.run.acceleration import compile_blocks, eager, resolve_dtype
+from medalign_platform.core.student import LoraSettings, apply_lora, decoder_layers, load_student, torch_dtype
+from medalign_platform.run.acceleration import compile_blocks, eager
 
 BACKEND = os.environ.get("MEDALIGN_TEST_COMPILE_BACKEND", "aot_eager")
 
 
 def test_auto_dtype_is_bf16_on_a_gpu_and_fp32_on_the_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
-    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
-    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert resolve_dtype("fp32", torch.device("cuda")) == torch.float32
+    assert torch_dtype("auto", torch.device("cpu")) == torch.float32
+    assert torch_dtype("auto") == torch.float32
+    assert torch_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16
+    assert torch_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    assert torch_dtype("float32", torch.device("cuda")) == torch.float32
 
 
 def _student(tiny_student_dir, compiled: bool, backend: str = BACKEND):
@@ -142,7 +143,7 @@ def test_bf16_student_keeps_fp32_adapters_trains_and_evaluates_in_bf16(mini_conf
     from medalign_platform.run.evaluation import evaluate_items
     from medalign_platform.run.loop import train_step
 
-    parts = _built(mini_config(["model.dtype=bf16", "trainer.gradient_checkpointing=true"]))
+    parts = _built(mini_config(["model.dtype=bfloat16", "trainer.gradient_checkpointing=true"]))
     model = parts.model
     assert parts.dtype == torch.bfloat16
     frozen = {p.dtype for p in model.parameters() if not p.requires_grad}

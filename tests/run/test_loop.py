@@ -118,8 +118,8 @@ def test_non_finite_loss_stops_the_run_with_a_clear_error(cache_env, tmp_path, m
 
     original = evaluation.TargetLookup.__call__
 
-    def poisoned(self, paths):
-        targets = original(self, paths)
+    def poisoned(self, paths, questions=None):
+        targets = original(self, paths, questions)
         targets.patch_tokens[:] = float("nan")
         return targets
 

@@ -50,9 +50,12 @@ def test_unprepared_cache_names_the_command(tmp_path):
         prepared_synthmed_record(str(tmp_path))
 
 
-def test_prepare_rejects_other_datasets_and_unknown_keys(capsys):
-    assert main(["prepare", "data=vqa_rad"]) == 2
-    assert "only data=synthmed" in capsys.readouterr().err
+def test_prepare_rejects_unknown_datasets_and_keys(capsys):
+    # other names go to the real-data adapters (tests/data/test_prepare_data.py)
+    assert main(["prepare", "data=nih_cxr"]) == 2
+    assert "Could not find 'data/nih_cxr'" in capsys.readouterr().err
+    assert main(["prepare"]) == 2
+    assert "name the dataset: data=synthmed" in capsys.readouterr().err
     assert main(["prepare", "data=synthmed", "n_trian=5"]) == 2
     assert "unknown key n_trian; did you mean n_train? valid options" in capsys.readouterr().err
     assert main(["prepare", "data=synthmed", "n_train=abc"]) == 2

@@ -266,3 +266,24 @@ def test_search_space_record_round_trips_through_yaml(tmp_path):
     space = load_search_space("medalign_default")
     again = parse_search_space(yaml.safe_load(yaml.safe_dump(space.to_dict())), "again.yaml")
     assert again.params == space.params and again.rules == space.rules and again.points == space.points
+
+
+def test_teacher_attention_and_token_weights_are_searchable(tmp_path, base_config):
+    space, _ = space_from("""
+        teacher.attention: {type: choice, values: [cls, prompt_aware]}
+        distill.token_weights: {type: choice, values: [none, teacher_attention]}
+    """, tmp_path)
+    space.validate(base_config, depth=DEPTH)
+    assert set(space.sampled_keys) == {"teacher.attention", "distill.token_weights"}
+    bad, _ = space_from("teacher.attention: {type: choice, values: [cls, patches]}", tmp_path, "bad")
+    with pytest.raises(SearchSpaceError, match="teacher.attention"):
+        bad.validate(base_config, depth=DEPTH)
+    other, _ = space_from("teacher.name: {type: choice, values: [a, b]}", tmp_path, "other")
+    with pytest.raises(SearchSpaceError, match="cannot be searched"):
+        other.validate(base_config, depth=DEPTH)
+
+
+def test_teacher_max_normalize_is_refused_as_display_only(tmp_path, base_config):
+    space, _ = space_from("distill.teacher_max_normalize: {type: choice, values: [true, false]}", tmp_path)
+    with pytest.raises(SearchSpaceError, match="display-only"):
+        space.validate(base_config, depth=DEPTH)

@@ -34,11 +34,38 @@ from .tap import DistillationTap, TapOutputs
 
 
 class TeacherTargets(Protocol):
-    """Native-grid teacher outputs for a batch (e.g. ``teacher.TeacherOutputs``)."""
+    """Native-grid teacher outputs for a batch (e.g. ``teacher.TeacherOutputs``).
+
+    An optional ``prompt_attention`` ``[B, h*w]`` (question-conditioned map) replaces
+    ``cls_attention`` as the attention target when present and not None.
+    """
 
     patch_tokens: torch.Tensor  # [B, h*w, D_t]
     cls_attention: torch.Tensor  # [B, h*w]
     grid: tuple[int, int]
+
+
+def teacher_attention_source(teacher: TeacherTargets) -> torch.Tensor:
+    """``prompt_attention`` when the targets carry one, else ``cls_attention`` (``[B, h*w]``)."""
+    prompt = getattr(teacher, "prompt_attention", None)
+    return prompt if prompt is not None else teacher.cls_attention
+
+
+def attention_token_weights(attention: torch.Tensor) -> torch.Tensor:
+    """Per-visual-token weights from a teacher attention map: ``w = a / mean(a)`` per sample.
+
+    Normalising to mean 1 keeps the weighted spatial loss on the scale of the unweighted one
+    and makes it independent of any constant rescaling of ``a`` (such as the max-division).
+
+    Args:
+        attention: ``[B, N]`` non-negative maps on the student grid.
+
+    Returns:
+        ``[B, N]`` float32 weights with mean 1 per sample (detached: a target, not a path
+        for gradients).
+    """
+    attention = attention.detach().float().clamp_min(0)
+    return attention / attention.mean(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 @dataclass
@@ -52,7 +79,13 @@ class DistillSettings(Settings):
     lambda_attn: float = setting(0.06, "Weight of the attention-aware distillation loss (term 'attention').", ge=0)
     attention_normalize: Literal["l2", "probability"] = setting(
         "probability", "probability: proper KL; l2: the original code's L2-normalised variant.")
-    teacher_max_normalize: bool = setting(True, "Divide the teacher attention map by its max before resizing.")
+    teacher_max_normalize: bool = setting(
+        True, "Display only: divide the teacher attention map by its max in TensorBoard panels. Neither loss can "
+              "change with it (probability and L2 normalisation, and the mean-1 token weights, all remove a "
+              "constant scale), so it is not a search-space key.")
+    token_weights: Literal["none", "teacher_attention"] = setting(
+        "none", "none | teacher_attention: weight entry (i, j) of the spatial loss by w_i w_j with w = teacher "
+                "attention / its mean (on the student grid).")
     steer: SteerSettings = setting(factory=SteerSettings, help="Steer adapter on the visual span at layer L.")
 
 
@@ -145,10 +178,12 @@ class MedAlignObjective:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def targets(self, teacher: TeacherTargets) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher similarity ``[B, N, N]`` and attention ``[B, N]`` on the student's grid."""
+        """Teacher similarity ``[B, N, N]`` and attention ``[B, N]`` on the student's grid
+        (the question-conditioned map when the targets carry one)."""
         similarity = teacher_similarity(teacher.patch_tokens, teacher.grid, self.student_grid)
         attention = teacher_attention_map(
-            teacher.cls_attention, teacher.grid, self.student_grid, max_normalize=self.settings.teacher_max_normalize
+            teacher_attention_source(teacher), teacher.grid, self.student_grid,
+            max_normalize=self.settings.teacher_max_normalize,
         )
         return similarity, attention
 
@@ -165,7 +200,9 @@ class MedAlignObjective:
                 and ``labels`` (``-100`` on prompt and padding).
             teacher: native-grid teacher targets for the batch's images; may be None only
                 when every distillation weight is 0.
-            token_weights: optional ``[B, N]`` per-visual-token weights for the spatial loss.
+            token_weights: optional ``[B, N]`` per-visual-token weights for the spatial loss;
+                when None and ``distill.token_weights`` is ``teacher_attention`` they come from
+                the teacher's attention map (:func:`attention_token_weights`).
 
         Returns:
             ``{"loss", "lm", <each term of LOSS_TERMS>}``; the distillation terms are
@@ -185,6 +222,8 @@ class MedAlignObjective:
                 raise ValueError("teacher targets are required when a distillation weight "
                                  f"({', '.join(t.weight for t in self.active)}) is > 0")
             similarity, attention = self.targets(teacher)
+            if token_weights is None and self.settings.token_weights == "teacher_attention":
+                token_weights = attention_token_weights(attention).to(lm.device)
             inputs = TermInputs(captured, similarity.to(lm.device), attention.to(lm.device), token_weights,
                                 self.settings)
             for term in self.active:

@@ -96,6 +96,51 @@ def load_student(
     return model, processor
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """``model.dtype`` (``auto`` | ``float32`` | ``bfloat16`` | ``float16``) as a torch dtype.
+
+    ``auto`` is bfloat16 on a CUDA ``device`` and float32 anywhere else (the CPU has no
+    fast bf16 matmuls, and a GPU run in fp32 weights would double their memory).
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"model.dtype={name!r}: choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def check_expected_layout(model: nn.Module, *, grid=None, vision_feature_layer=None) -> None:
+    """Checks a preset's declared ``model.grid`` / ``model.vision_feature_layer`` against the
+    loaded checkpoint (``None`` skips a check), so a preset never silently runs another model."""
+    actual = visual_grid(model)
+    if grid is not None and tuple(grid) != actual:
+        raise ValueError(f"model.grid={list(grid)} but the checkpoint's vision tower gives a {actual[0]}x{actual[1]} "
+                         "grid; fix model.grid (or set it to null) or model.path")
+    layer = getattr(base_model(model).config, "vision_feature_layer", None)
+    if vision_feature_layer is not None and layer != vision_feature_layer:
+        raise ValueError(f"model.vision_feature_layer={vision_feature_layer} but the checkpoint uses {layer}; "
+                         "fix the preset (or set it to null)")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of the decoder blocks (``trainer.gradient_checkpointing``).
+
+    The distillation tap's pre-hook on block L runs again during the recomputation, which
+    re-applies the steer adapter exactly as in the forward pass.
+    """
+    root = base_model(model)
+    enable = getattr(root, "activation_checkpointing_enable", None)  # transformers >= 5.x name
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        root.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def base_model(model: nn.Module) -> nn.Module:
     """The transformers model under an optional peft wrapper."""
     get_base = getattr(model, "get_base_model", None)

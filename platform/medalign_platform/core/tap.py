@@ -285,8 +285,10 @@ class DistillationTap:
             self.outputs = None
             self._span = expected
             return None
-        if not bool((input_ids == self.image_token_id).any()):
+        if input_ids.shape[-1] < self.num_visual_tokens or not bool((input_ids == self.image_token_id).any()):
             # Keep the last capture: during generate() it is the prefill's, taken on the prompt.
+            # A decode step holds too few tokens for an image (an untrained student may still
+            # emit the image token id as an answer token), so it never replaces the capture.
             return None
         self.outputs = None
         locate = SpanLocator(self.image_token_id, self.num_visual_tokens, self.capture_attention, self.layer)

@@ -8,20 +8,23 @@ Per image the teacher yields (see ``/work/shared/method.md``, "Teacher targets")
 * CLS attention: the last block's attention probabilities, averaged over heads, CLS
   query row, prefix key columns dropped, ``[h*w]`` (raw probabilities, no max-division).
 
-Both are read with forward hooks on the unmodified open_clip model: one on the last
-block's pre-attention norm (its output is the attention input, from which the CLS row of
+Both are read with forward hooks on the unmodified model: one on the last block's
+pre-attention norm (its output is the attention input, from which the CLS row of
 softmax(q k^T * scale) is recomputed with the block's own weights) and one on the last
-block (its output). Two vision towers are supported:
+block (its output). The vision-tower families (open_clip native ViT, open_clip + timm ViT,
+transformers ``CLIPModel``) are adapters in :mod:`medalign_platform.core.towers`.
 
-* open_clip's native ``VisionTransformer`` (OpenAI CLIP, UniMed-CLIP);
-* open_clip's ``TimmModel`` wrapping a timm ``VisionTransformer`` (BiomedCLIP).
+Loading routes (:func:`load_teacher`):
 
-Every loading route goes through ``open_clip.create_model_and_transforms``:
-``"hf-hub:org/repo"``, ``"local-dir:/path"``, or a config name plus
-``pretrained=<tag or checkpoint file>``.
+* open_clip: ``"hf-hub:org/repo"`` (BiomedCLIP), ``"local-dir:/path"`` (what
+  ``medalign convert unimed-clip`` writes), or a config name plus
+  ``pretrained=<tag or checkpoint file>``;
+* transformers: ``"hf-clip:/path/or/hub-id"`` for a ``CLIPModel`` with its processor
+  (PubMedCLIP).
 
-(This module is longer than 600 lines because it holds both tower adapters beside the
-teacher; they move to their own module with the third adapter, issue #11.)
+Prompt-aware attention (:meth:`ExpertTeacher.prompt_aware_attention`) conditions the map on
+a question through the text tower; teachers exported without a text tower
+(``open_clip_config.json`` with ``"medalign": {"text_tower": "absent"}``) refuse it.
 """
 
 from __future__ import annotations
@@ -35,15 +38,21 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-__all__ = ["ExpertTeacher", "TeacherOutputs", "load_teacher"]
+from .towers import tower_for
+
+__all__ = ["ExpertTeacher", "TeacherOutputs", "load_teacher", "HF_CLIP_PREFIX"]
+
+#: ``teacher.name`` prefix of a transformers ``CLIPModel`` teacher (PubMedCLIP).
+HF_CLIP_PREFIX = "hf-clip:"
 
 # Part of every teacher identity: bump it when the target definition changes so caches
 # built with the old definition stop matching.
 _TARGETS_VERSION = "medalign-teacher-targets/v1:last-block-pre-norm,cls-row-head-mean"
+# The same for the question-conditioned map (part of ``prompt_identity``).
+_PROMPT_AWARE_VERSION = "medalign-prompt-aware/v1:cls-contribution-x-text,clamp0,over-image-norm"
 
 
 @dataclass
@@ -56,265 +65,33 @@ class TeacherOutputs:
         cls_attention: ``[B, h*w]`` last-block CLS-query attention probabilities,
             averaged over heads, prefix columns dropped (so rows sum to <= 1).
         grid: ``(h, w)`` native patch grid of the teacher.
+        prompt_attention: optional ``[B, h*w]`` question-conditioned map
+            (``teacher.attention: prompt_aware``); when set it is the attention target.
     """
 
     patch_tokens: Tensor
     cls_attention: Tensor
     grid: tuple[int, int]
+    prompt_attention: Tensor | None = None
+
+    @property
+    def attention(self) -> Tensor:
+        """The attention target: ``prompt_attention`` when present, else ``cls_attention``."""
+        return self.prompt_attention if self.prompt_attention is not None else self.cls_attention
 
     def to(self, device: torch.device | str | None = None,
            dtype: torch.dtype | None = None) -> "TeacherOutputs":
-        """Returns a copy with both tensors moved to ``device`` and/or cast to ``dtype``."""
+        """Returns a copy with the tensors moved to ``device`` and/or cast to ``dtype``."""
+        prompt = self.prompt_attention
         return TeacherOutputs(
             patch_tokens=self.patch_tokens.to(device=device, dtype=dtype),
             cls_attention=self.cls_attention.to(device=device, dtype=dtype),
             grid=self.grid,
+            prompt_attention=None if prompt is None else prompt.to(device=device, dtype=dtype),
         )
 
     def __len__(self) -> int:
         return self.patch_tokens.shape[0]
-
-
-# --------------------------------------------------------------------------- towers
-
-
-def _split_heads(x: Tensor, heads: int) -> Tensor:
-    """``[B, L, H*hd] -> [B, H, L, hd]``."""
-    b, n, d = x.shape
-    return x.reshape(b, n, heads, d // heads).transpose(1, 2)
-
-
-def _linear_maps(modules: Sequence[nn.Module], what: str) -> list[nn.Linear]:
-    """Keeps the linear layers of a head; dropout/identity are no-ops in eval mode."""
-    linears = []
-    for module in modules:
-        if isinstance(module, (nn.Identity, nn.Dropout)):
-            continue
-        if isinstance(module, nn.Linear):
-            linears.append(module)
-        else:
-            raise NotImplementedError(
-                f"prompt_aware_attention needs a linear map from the CLS token to the "
-                f"joint embedding; {what} contains {type(module).__name__}, which is not "
-                f"linear. Use encode() (plain CLS attention) for this teacher.")
-    return linears
-
-
-class _Tower:
-    """What the teacher needs from one vision-tower implementation.
-
-    Attributes:
-        grid: ``(h, w)`` native patch grid.
-        width: D_t.
-        heads: number of attention heads of the last block.
-        num_prefix: number of prefix tokens (CLS first, then e.g. registers).
-        image_size: ``(S_h, S_w)`` expected input size.
-        attn_input: module whose output is the last block's attention input.
-        last_block: the last transformer block.
-    """
-
-    grid: tuple[int, int]
-    width: int
-    heads: int
-    num_prefix: int
-    image_size: tuple[int, int]
-    attn_input: nn.Module
-    last_block: nn.Module
-
-    def batch_first(self, x: Tensor) -> Tensor:
-        """Hooked tensors in ``[B, L, D]`` layout."""
-        return x
-
-    def input_dtype(self) -> torch.dtype:
-        """dtype the pixels must have: that of the patch-embedding weights (open_clip's
-        mixed "fp16"/"bf16" precisions keep some vision parameters in fp32)."""
-        raise NotImplementedError
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-head q, k, v of the last block, each ``[B, H, L, hd]`` (q/k normed)."""
-        raise NotImplementedError
-
-    def attn_scale(self) -> float:
-        raise NotImplementedError
-
-    # Pieces used only by prompt_aware_attention.
-    def out_proj_weight(self) -> Tensor:
-        """``[D, H*hd]`` attention output projection (bias excluded)."""
-        raise NotImplementedError
-
-    def layer_scale(self) -> nn.Module:
-        raise NotImplementedError
-
-    def final_norm(self) -> nn.LayerNorm | None:
-        raise NotImplementedError
-
-    def to_embedding(self, x: Tensor) -> Tensor:
-        """Linear part of the map from the normed CLS token to the joint space,
-        ``[..., D] -> [..., E]``."""
-        raise NotImplementedError
-
-
-class _NativeViT(_Tower):
-    """open_clip ``VisionTransformer`` with ``nn.MultiheadAttention`` blocks."""
-
-    def __init__(self, visual: nn.Module):
-        from open_clip.transformer import ResidualAttentionBlock
-
-        if visual.attn_pool is not None:
-            raise ValueError(
-                "Unsupported teacher: the open_clip vision tower uses attentional pooling "
-                "(CoCa-style), so the CLS token is not its image embedding. Use a "
-                "CLS-pooled ViT (e.g. CLIP/UniMed-CLIP ViT-B/16, BiomedCLIP).")
-        if visual.pool_type != "tok":
-            raise ValueError(
-                f"Unsupported teacher: vision pool_type={visual.pool_type!r}; the CLS "
-                "attention target needs CLS-token pooling (pool_type='tok').")
-        block = visual.transformer.resblocks[-1]
-        if not isinstance(block, ResidualAttentionBlock) or not isinstance(
-                block.attn, nn.MultiheadAttention):
-            raise ValueError(
-                f"Unsupported teacher: last vision block is {type(block).__name__}; only "
-                "open_clip's default ResidualAttentionBlock (nn.MultiheadAttention) is "
-                "supported (block_type='custom', qk_norm, scaled-cosine attention are not).")
-        attn = block.attn
-        if (not attn._qkv_same_embed_dim or attn.bias_k is not None or attn.add_zero_attn
-                or hasattr(block, "ln_1_kv")):
-            raise ValueError("Unsupported teacher: last block's attention is not plain "
-                             "self-attention with a packed in_proj.")
-        self.visual = visual
-        self.block = block
-        self.attn = attn
-        self.grid = tuple(int(g) for g in visual.grid_size)
-        self.width = int(visual.transformer.width)
-        self.heads = int(attn.num_heads)
-        self.num_prefix = 1  # open_clip native ViTs always prepend exactly one CLS token
-        self.image_size = tuple(int(s) for s in visual.image_size)
-        self.attn_input = block.ln_1
-        self.last_block = block
-        # Older open_clip runs the stack sequence-first ([L, B, D]); 3.x is batch-first.
-        self._batch_first = bool(getattr(visual.transformer, "batch_first", False))
-
-    def batch_first(self, x: Tensor) -> Tensor:
-        return x if self._batch_first else x.transpose(0, 1)
-
-    def input_dtype(self) -> torch.dtype:
-        return self.visual.conv1.weight.dtype
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v = F.linear(x, self.attn.in_proj_weight, self.attn.in_proj_bias).chunk(3, -1)
-        return tuple(_split_heads(t, self.heads) for t in (q, k, v))
-
-    def attn_scale(self) -> float:
-        return (self.width // self.heads) ** -0.5
-
-    def out_proj_weight(self) -> Tensor:
-        return self.attn.out_proj.weight
-
-    def layer_scale(self) -> nn.Module:
-        return self.block.ls_1
-
-    def final_norm(self) -> nn.LayerNorm | None:
-        return self.visual.ln_post
-
-    def to_embedding(self, x: Tensor) -> Tensor:
-        proj = self.visual.proj
-        return x if proj is None else x @ proj.to(x.dtype)
-
-
-class _TimmViT(_Tower):
-    """open_clip ``TimmModel`` around a timm ``VisionTransformer`` (BiomedCLIP)."""
-
-    def __init__(self, visual: nn.Module):
-        from timm.layers import Attention as TimmAttention
-        from timm.models.vision_transformer import Block, VisionTransformer
-
-        trunk = visual.trunk
-        if not isinstance(trunk, VisionTransformer):
-            raise ValueError(
-                f"Unsupported teacher: timm trunk {type(trunk).__name__} is not a timm "
-                "VisionTransformer (ConvNeXt/ResNet/EVA/... towers have no CLS attention "
-                "of this form).")
-        if trunk.cls_token is None:
-            raise ValueError("Unsupported teacher: the timm ViT has no CLS token "
-                             "(class_token=False), so there is no CLS attention row.")
-        if trunk.attn_pool is not None or trunk.global_pool != "token":
-            raise ValueError(
-                f"Unsupported teacher: timm ViT pools with global_pool="
-                f"{trunk.global_pool!r}{' + attention pooling' if trunk.attn_pool else ''}; "
-                "the CLS attention target needs CLS-token pooling (timm_pool='' or "
-                "'token' in the open_clip config, as BiomedCLIP).")
-        block = trunk.blocks[-1]
-        if type(block) is not Block or not isinstance(block.attn, TimmAttention):
-            raise ValueError(
-                f"Unsupported teacher: last timm block is {type(block).__name__} with "
-                f"{type(block.attn).__name__}; only timm's pre-norm Block with the "
-                "standard Attention is supported.")
-        self.visual = visual
-        self.trunk = trunk
-        self.block = block
-        self.attn = block.attn
-        self.grid = tuple(int(g) for g in trunk.patch_embed.grid_size)
-        self.width = int(trunk.embed_dim)
-        self.heads = int(self.attn.num_heads)
-        self.num_prefix = int(trunk.num_prefix_tokens)  # timm order: CLS, then registers
-        # TimmModel does not pass its image_size to timm; the trunk's own size is the truth.
-        img_size = trunk.patch_embed.img_size or visual.image_size
-        self.image_size = tuple(int(s) for s in img_size)
-        self.attn_input = block.norm1
-        self.last_block = block
-
-    def input_dtype(self) -> torch.dtype:
-        return self.trunk.patch_embed.proj.weight.dtype
-
-    def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        attn = self.attn
-        b, n, _ = x.shape
-        qkv = attn.qkv(x).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        return attn.q_norm(q), attn.k_norm(k), v
-
-    def attn_scale(self) -> float:
-        return float(self.attn.scale)
-
-    def out_proj_weight(self) -> Tensor:
-        if not isinstance(self.attn.norm, nn.Identity) or self.attn.gate is not None:
-            raise NotImplementedError(
-                "prompt_aware_attention: the timm attention normalises or gates its "
-                "output (scale_norm / gated), so per-patch contributions are not linear.")
-        return self.attn.proj.weight
-
-    def layer_scale(self) -> nn.Module:
-        return self.block.ls1
-
-    def final_norm(self) -> nn.LayerNorm | None:
-        norms = [m for m in (self.trunk.norm, self.trunk.fc_norm) if not isinstance(m, nn.Identity)]
-        if len(norms) > 1 or (norms and not isinstance(norms[0], nn.LayerNorm)):
-            raise NotImplementedError(
-                "prompt_aware_attention supports one final LayerNorm on the timm trunk; "
-                f"found {[type(m).__name__ for m in norms]}.")
-        return norms[0] if norms else None
-
-    def to_embedding(self, x: Tensor) -> Tensor:
-        linears = _linear_maps([self.trunk.head, *self.visual.head.children()],
-                               "the timm trunk head / open_clip projection head")
-        for linear in linears:
-            x = x @ linear.weight.to(x.dtype).T
-        return x
-
-
-def _tower_for(model: nn.Module) -> _Tower:
-    from open_clip.timm_model import TimmModel
-    from open_clip.transformer import VisionTransformer
-
-    visual = getattr(model, "visual", None)
-    if isinstance(visual, VisionTransformer):
-        return _NativeViT(visual)
-    if isinstance(visual, TimmModel):
-        return _TimmViT(visual)
-    raise ValueError(
-        f"Unsupported teacher vision tower {type(visual).__name__}: MedAlign targets need a "
-        "ViT with a CLS token (open_clip VisionTransformer or a timm VisionTransformer "
-        "via TimmModel); ResNet/ConvNeXt/attention-pooled towers are not supported.")
 
 
 # ------------------------------------------------------------------------- identity
@@ -330,7 +107,7 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _teacher_identity(model: nn.Module) -> str:
+def _teacher_identity(model: nn.Module, vision: nn.Module, preprocess_cfg: dict) -> str:
     """sha256 over the target recipe, the vision architecture, the preprocessing and all
     weights. File paths and model names are deliberately left out: the same weights
     loaded from another directory (another trial, another machine) or by another route
@@ -339,8 +116,7 @@ def _teacher_identity(model: nn.Module) -> str:
     h = hashlib.sha256()
     h.update(_TARGETS_VERSION.encode())
     # repr names every layer and its hyper-parameters, including the activation class.
-    h.update(repr(model.visual).encode())
-    preprocess_cfg = getattr(model.visual, "preprocess_cfg", {})
+    h.update(repr(vision).encode())
     h.update(json.dumps(preprocess_cfg, sort_keys=True, default=str).encode())
     h.update(_weights_digest(model).encode())
     return h.hexdigest()
@@ -349,33 +125,71 @@ def _teacher_identity(model: nn.Module) -> str:
 # -------------------------------------------------------------------------- teacher
 
 
+def _tokenizer_description(tokenizer) -> str:
+    """What identifies a tokenizer's behaviour well enough for cache keys (no file paths)."""
+    if tokenizer is None:
+        return "none"
+    inner = getattr(tokenizer, "tokenizer", tokenizer)  # open_clip HFTokenizer wraps an HF one
+    parts = [type(tokenizer).__name__, type(inner).__name__,
+             str(getattr(tokenizer, "context_length", "")), str(len(inner) if hasattr(inner, "__len__") else "")]
+    vocab = getattr(inner, "get_vocab", None)
+    if callable(vocab):
+        parts.append(hashlib.sha256(json.dumps(sorted(vocab().items())).encode()).hexdigest())
+    return "|".join(parts)
+
+
 class ExpertTeacher(nn.Module):
-    """A frozen open_clip expert CLIP that produces MedAlign teacher targets.
+    """A frozen expert CLIP (open_clip or transformers) that produces MedAlign teacher targets.
 
     Attributes:
-        model: the open_clip CLIP model (eval mode, no gradients).
-        preprocess: open_clip's eval transform, ``PIL.Image -> [3, S, S]``.
-        tokenizer: ``open_clip.get_tokenizer(model_name)``; ``list[str] -> [B, T]``.
+        model: the open_clip CLIP or transformers ``CLIPModel`` (eval mode, no gradients).
+        preprocess: eval transform, ``PIL.Image -> [3, S, S]``.
+        tokenizer: the text tower's tokenizer (open_clip: ``list[str] -> [B, T]``;
+            transformers: a ``PreTrainedTokenizer``), or None.
         grid: ``(h, w)`` native patch grid, e.g. ``(14, 14)`` for ViT-B/16 @ 224.
         width: D_t, width of the vision transformer.
         identity: 64-hex sha256 fingerprint of everything that determines the targets
             (see ``_teacher_identity``); the teacher part of target-cache keys.
+        has_text: whether a real text tower is present (prompt-aware attention needs it).
         source: ``"<model_name>|<pretrained>"`` for logs (not part of ``identity``).
+
+    Args:
+        model, preprocess, tokenizer: as above.
+        source: for logs.
+        preprocess_config: what defines ``preprocess`` (mean/std, size, ...); part of the
+            identity. Default: open_clip's ``model.visual.preprocess_cfg``.
+        has_text: False for exports whose text tower is a placeholder.
     """
 
-    def __init__(self, model: nn.Module, preprocess, tokenizer, *, source: str = ""):
+    def __init__(self, model: nn.Module, preprocess, tokenizer, *, source: str = "",
+                 preprocess_config: dict | None = None, has_text: bool = True):
         super().__init__()
-        self._tower = _tower_for(model)
+        self._tower = tower_for(model)
         self.model = model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.source = source
+        self.has_text = bool(has_text and tokenizer is not None)
+        self._preprocess_config = (preprocess_config if preprocess_config is not None
+                                   else getattr(self._tower.vision, "preprocess_cfg", {}))
         self.grid: tuple[int, int] = self._tower.grid
         self.width: int = self._tower.width
         self.image_size: tuple[int, int] = self._tower.image_size
-        self.identity: str = _teacher_identity(model)
+        self.identity: str = self._identity()
+
+    def _identity(self) -> str:
+        return _teacher_identity(self.model, self._tower.vision, self._preprocess_config)
+
+    @property
+    def prompt_identity(self) -> str:
+        """Fingerprint of the question-conditioned map: the target identity (all weights,
+        the text tower's included), the prompt-aware recipe and the tokenizer."""
+        h = hashlib.sha256()
+        for part in (self.identity, _PROMPT_AWARE_VERSION, _tokenizer_description(self.tokenizer)):
+            h.update(part.encode() + b"\n")
+        return h.hexdigest()
 
     def train(self, mode: bool = True) -> "ExpertTeacher":
         # Frozen teacher: stay in eval (patch dropout, dropout) whatever the caller does.
@@ -387,12 +201,12 @@ class ExpertTeacher(nn.Module):
         dtype = self.dtype
         out = super()._apply(fn, recurse)
         if self.dtype != dtype:
-            self.identity = _teacher_identity(self.model)
+            self.identity = self._identity()
         return out
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.visual.parameters()).device
+        return next(self._tower.vision.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -410,6 +224,8 @@ class ExpertTeacher(nn.Module):
                 # Hooks are per module, not per call: ignore forwards that other threads
                 # run through the same teacher at the same time.
                 if threading.get_ident() == owner:
+                    if isinstance(output, tuple):  # older transformers layers return tuples
+                        output = output[0]
                     store[key] = tower.batch_first(output)
             return hook
 
@@ -430,9 +246,7 @@ class ExpertTeacher(nn.Module):
                 "teacher.preprocess / encode_images on PIL images.")
         x = pixel_values.to(device=self.device, dtype=self.dtype)
         with self._capture() as store:
-            embedding = self.model.visual(x)
-        if isinstance(embedding, tuple):  # output_tokens=True towers return (pooled, tokens)
-            embedding = embedding[0]
+            embedding = self._tower.image_embedding(x)
         return store, embedding
 
     def _cls_attention_heads(self, attn_in: Tensor) -> Tensor:
@@ -502,8 +316,33 @@ class ExpertTeacher(nn.Module):
     @torch.no_grad()
     def encode_questions(self, questions: Sequence[str]) -> Tensor:
         """``list[str] -> [B, E]`` L2-normalised text embeddings (fp32)."""
-        tokens = self.tokenizer(list(questions)).to(self.device)
-        return self.model.encode_text(tokens, normalize=True).float()
+        if not self.has_text:
+            raise ValueError(
+                f"teacher {self.source or '(unnamed)'} has no text tower (it was exported vision-only), so "
+                "question embeddings and prompt-aware attention are unavailable; set teacher.attention=cls, or "
+                "re-run `medalign convert unimed-clip ... --text-encoder DIR` with the text encoder's files.")
+        return self._tower.text_embedding(questions, self.tokenizer, self.device)
+
+    @torch.no_grad()
+    def encode_prompt_aware(self, images: Sequence[Image.Image], questions: Sequence[str],
+                            batch_size: int | None = None) -> Tensor:
+        """:meth:`prompt_aware_attention` for PIL images, in batches.
+
+        This (with ``identity``, ``prompt_identity``, ``grid`` and ``width``) is what
+        :class:`~medalign_platform.core.target_cache.TargetCache` calls for per-question
+        targets; any teacher object with these members can use the cache.
+
+        Returns:
+            ``[B, h*w]`` fp32, non-negative, in input order.
+        """
+        if len(images) != len(questions):
+            raise ValueError(f"need one question per image: {len(questions)} questions for {len(images)} images")
+        if not images:
+            raise ValueError("encode_prompt_aware needs at least one image")
+        step = batch_size or len(images)
+        return torch.cat([self.prompt_aware_attention(self.pixel_values(images[i:i + step]),
+                                                      list(questions[i:i + step]))
+                          for i in range(0, len(images), step)])
 
     def _cls_patch_contributions(self, attn_in: Tensor, probs: Tensor) -> Tensor:
         """Per-token share of the last block's attention output at the CLS position.
@@ -562,6 +401,7 @@ class ExpertTeacher(nn.Module):
         if len(questions) != pixel_values.shape[0]:
             raise ValueError(f"need one question per image: {len(questions)} questions "
                              f"for {pixel_values.shape[0]} images")
+        text = self.encode_questions(questions)  # [B, E]; fails first for vision-only exports
         tower = self._tower
         store, embedding = self._run(pixel_values)
         probs = self._cls_attention_heads(store["attn_in"])
@@ -577,7 +417,6 @@ class ExpertTeacher(nn.Module):
                 contrib = contrib * norm.weight.float()
             contrib = contrib / sigma[:, None, None]
         patch_embed = tower.to_embedding(contrib)  # [B, N, E]
-        text = self.encode_questions(questions)  # [B, E]
         scores = torch.einsum("bne,be->bn", patch_embed, text)
         return scores.clamp_min(0) / embedding.float().norm(dim=-1, keepdim=True)
 
@@ -619,29 +458,70 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
         "Fix the path (e.g. the UniMed-CLIP .pt/.safetensors file) or the tag.")
 
 
+def _local_dir_extras(model_name: str) -> dict:
+    """The ``"medalign"`` section of a local-dir's ``open_clip_config.json`` (written by
+    ``medalign convert``); ``{}`` for other sources."""
+    if not model_name.startswith("local-dir:"):
+        return {}
+    config = json.loads(open(os.path.join(model_name[len("local-dir:"):], "open_clip_config.json")).read())
+    return dict(config.get("medalign") or {})
+
+
+def _load_hf_clip(source: str, device, precision: str) -> ExpertTeacher:
+    """A transformers ``CLIPModel`` directory or hub id (PubMedCLIP) with its processor."""
+    from transformers import AutoProcessor, CLIPModel
+
+    local = os.path.expanduser(source)
+    if source.startswith((".", "/", "~")) and not os.path.isfile(os.path.join(local, "config.json")):
+        raise FileNotFoundError(
+            f"teacher directory not found or not a transformers checkpoint: {source!r} has no config.json. "
+            f"Point teacher.name={HF_CLIP_PREFIX}DIR at a CLIPModel save_pretrained folder "
+            "(e.g. flaviagiammarino/pubmed-clip-vit-base-patch32 downloaded).")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"precision={precision!r} for a transformers teacher; choose one of {sorted(dtypes)}")
+    path = local if os.path.isdir(local) else source
+    model = CLIPModel.from_pretrained(path, dtype=dtypes[precision]).to(device)
+    processor = AutoProcessor.from_pretrained(path)
+    image_processor = processor.image_processor
+
+    def preprocess(image: Image.Image) -> Tensor:
+        return image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    return ExpertTeacher(model, preprocess, processor.tokenizer, source=f"{HF_CLIP_PREFIX}{source}",
+                         preprocess_config=image_processor.to_dict())
+
+
 def load_teacher(model_name: str, pretrained: str | None = None, *,
                  device: torch.device | str = "cpu", precision: str = "fp32") -> ExpertTeacher:
-    """Loads a frozen expert CLIP teacher through ``open_clip.create_model_and_transforms``.
+    """Loads a frozen expert CLIP teacher (open_clip or transformers).
 
     Args:
-        model_name: ``"hf-hub:org/repo"`` (BiomedCLIP), ``"local-dir:/path"``, or an
-            open_clip config name (built-in or registered with
-            ``open_clip.add_model_config``), e.g. ``"ViT-B-16-quickgelu"`` for UniMed-CLIP.
-        pretrained: for config names only: a checkpoint file or an open_clip tag.
+        model_name: ``"hf-hub:org/repo"`` (BiomedCLIP), ``"local-dir:/path"`` (e.g. a
+            converted UniMed-CLIP), an open_clip config name (built-in or registered with
+            ``open_clip.add_model_config``) such as ``"ViT-B-16-quickgelu"``, or
+            ``"hf-clip:/path/or/id"`` for a transformers ``CLIPModel`` (PubMedCLIP).
+        pretrained: for open_clip config names only: a checkpoint file or an open_clip tag.
         device: device to load onto.
-        precision: open_clip precision ("fp32", "fp16", "bf16", ...).
+        precision: "fp32", "fp16" or "bf16" (open_clip also accepts its mixed precisions).
 
     Returns:
         An ``ExpertTeacher`` in eval mode with ``requires_grad=False`` everywhere.
 
     Raises:
-        FileNotFoundError: missing local-dir or checkpoint file.
+        FileNotFoundError: missing local-dir, checkpoint file or transformers folder.
         ValueError: ``pretrained`` given with a schema name, or an unsupported tower.
     """
+    if model_name.startswith(HF_CLIP_PREFIX):
+        if pretrained is not None:
+            raise ValueError(f"pretrained={pretrained!r} would be ignored: {model_name!r} already names its weights")
+        return _load_hf_clip(model_name[len(HF_CLIP_PREFIX):], device, precision)
     import open_clip  # here, not at the top: the cache and the targets' types need no open_clip
 
     _check_source(model_name, pretrained)
+    extras = _local_dir_extras(model_name)
     model, _, preprocess = open_clip.create_model_and_transforms(
         model_name, pretrained=pretrained, device=device, precision=precision)
-    tokenizer = open_clip.get_tokenizer(model_name)
-    return ExpertTeacher(model, preprocess, tokenizer, source=f"{model_name}|{pretrained}")
+    has_text = extras.get("text_tower", "present") != "absent"
+    tokenizer = open_clip.get_tokenizer(model_name) if has_text else None
+    return ExpertTeacher(model, preprocess, tokenizer, source=f"{model_name}|{pretrained}", has_text=has_text)

@@ -1,14 +1,16 @@
 """Dataset items -> student batches: the one prompt format and collator for training and evaluation.
 
-Every (image, question, answer) item becomes one single-turn LLaVA-1.5 conversation::
+Every (image, question, answer) item becomes one single-turn conversation in the student's
+prompt format (:mod:`medalign_platform.data.prompts`, ``model.prompt_template``): by default
+the processor's own chat template, else the LLaVA-1.5 format::
 
     USER: <image>\\n{question} ASSISTANT: {answer}</s>
 
-:data:`PROMPT_TEMPLATE` is everything up to and including ``"ASSISTANT:"``; the answer
-follows after one space and ends with the tokenizer's EOS token. The processor expands
-``<image>`` into the student's ``N = H*W`` image tokens, so a prompt is
-``<s> USER : <image>*N {question} ASSISTANT :`` (how the text splits into tokens depends on
-the tokenizer). Only the answer and its EOS are supervised: labels are ``-100``
+The prompt is the rendered user turn with the generation prompt (everything up to and
+including ``"ASSISTANT:"`` here, ``[/INST]`` for LLaVA-Med's Mistral format, ``assistant\\n``
+for ChatML); the answer follows after one space (directly after a trailing newline) and ends
+with the tokenizer's EOS token. The processor expands ``<image>`` into the student's
+``N = H*W`` image tokens. Only the answer and its EOS are supervised: labels are ``-100``
 (:data:`~medalign_platform.core.student.IGNORE_INDEX`) on the prompt and on padding, so the
 answer starts at the first label that is not ``-100`` -- the convention
 :func:`medalign_platform.core.tap.text_query_mask` relies on.
@@ -49,6 +51,7 @@ import torch
 from PIL import Image
 
 from ..core.student import IGNORE_INDEX
+from .prompts import answer_separator, check_template, clean_question, render_prompt
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -75,10 +78,7 @@ def format_prompt(question: str) -> str:
     Any ``<image>`` left in ``question`` (a raw LLaVA ``"<image>\\n..."`` value) is removed,
     since the template places the one image itself; surrounding whitespace is stripped.
     """
-    if not isinstance(question, str):
-        raise TypeError(f"question must be a string, got {type(question).__name__}")
-    question = " ".join(question.replace(IMAGE_PLACEHOLDER, " ").split())
-    return PROMPT_TEMPLATE.format(question=question)
+    return PROMPT_TEMPLATE.format(question=clean_question(question))
 
 
 def item_key(item: Mapping[str, Any], index: int | None = None) -> str:
@@ -140,6 +140,9 @@ class StudentCollator:
             answers (training) and left padding without (generation, which needs it).
         with_answers: append ``" {answer}" + EOS`` and return ``labels`` that supervise exactly
             those tokens; ``False`` gives prompts only (no ``labels``), ready for ``generate``.
+        prompt_template: ``auto`` (the processor's chat template, else LLaVA-1.5), a named
+            format (``llava_v1``, ``mistral_instruct``, ``qwen_chatml``) or a format string
+            with ``{question}``; see :mod:`medalign_platform.data.prompts`.
 
     Calling the collator returns ``(batch, meta)``: ``batch`` a dict of tensors
     ``input_ids [B, T]``, ``attention_mask [B, T]``, ``pixel_values [B, 3, S, S]`` and (with
@@ -154,7 +157,9 @@ class StudentCollator:
         max_length: int = 256,
         padding_side: str | None = None,
         with_answers: bool = True,
+        prompt_template: str | None = "auto",
     ):
+        self.prompt_template = check_template(prompt_template)
         if padding_side is None:
             padding_side = "right" if with_answers else "left"
         if padding_side not in ("left", "right"):
@@ -206,7 +211,7 @@ class StudentCollator:
             if self.with_answers and not isinstance(item.get("answer"), str):
                 raise KeyError(f"sample {key!r} has no 'answer' string; use with_answers=False for prompts only")
         images = [_as_image(item, key) for key, item in zip(keys, items)]
-        prompts = [format_prompt(item["question"]) for item in items]
+        prompts = [render_prompt(item["question"], self.processor, self.prompt_template) for item in items]
         prompt_ids, pixel_values = self._encode(images, prompts)
         prompt_ids = [self._strip_auto_eos(ids) for ids in prompt_ids]
         for key, ids in zip(keys, prompt_ids):
@@ -215,14 +220,16 @@ class StudentCollator:
                                  f"{self.image_token_id}) into the prompt; use the student's own LlavaProcessor")
         if self.with_answers:
             answers = [" ".join(item["answer"].split()) for item in items]
-            full_ids, pixel_values = self._encode(images, [f"{p} {a}" for p, a in zip(prompts, answers)])
+            full_ids, pixel_values = self._encode(
+                images, [f"{p}{answer_separator(p)}{a}" for p, a in zip(prompts, answers)])
             full_ids = [self._strip_auto_eos(ids) + [int(self.eos_token_id)] for ids in full_ids]
         else:
             full_ids = prompt_ids
 
         sequences, label_rows, truncated = [], [], []
         limit = self.max_length
-        for key, prompt, full in zip(keys, prompt_ids, full_ids):
+        for key, prompt, full, prompt_text in zip(keys, prompt_ids, full_ids, prompts):
+            prompt_text_end = prompt_text[-20:]
             n_prompt = len(prompt)
             n_image = prompt.count(self.image_token_id)
             needed = n_prompt + 1 if self.with_answers else n_prompt
@@ -237,8 +244,9 @@ class StudentCollator:
             if full[:n_prompt] != prompt:
                 raise ValueError(
                     f"sample {key!r}: the tokenized prompt is not a prefix of prompt + answer, so the answer's "
-                    "first token cannot be located; the tokenizer merges text across the ' ASSISTANT:' / answer "
-                    "boundary. Use a tokenizer that splits on the space before the answer."
+                    "first token cannot be located; the tokenizer merges text across the prompt / answer "
+                    f"boundary (prompt ends {prompt_text_end!r}). Use a prompt template that ends on a token boundary "
+                    "(model.prompt_template) or a tokenizer that splits on the space before the answer."
                 )
             truncated.append(len(full) > limit)
             ids = full[:limit]
@@ -286,6 +294,7 @@ def generate_answers(
     max_length: int = 1024,
     num_beams: int = 1,
     on_batch: Callable[[BatchMeta, list[str]], None] | None = None,
+    prompt_template: str | None = "auto",
 ) -> list[str]:
     """Greedy answers of ``model`` to ``items``' questions, in item order.
 
@@ -300,13 +309,15 @@ def generate_answers(
         items: dataset items (a list or a ``ConversationDataset``).
         max_length: most prompt tokens (see :class:`StudentCollator`).
         num_beams: beam search width (1 = greedy).
+        prompt_template: the prompt format (see :class:`StudentCollator`).
         on_batch: called with ``(meta, answers)`` after each ``generate()`` call, e.g. to
             read what a :class:`~medalign_platform.core.tap.DistillationTap` captured on the
             prompt during that call's prefill.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    collator = StudentCollator(processor, max_length=max_length, padding_side="left", with_answers=False)
+    collator = StudentCollator(processor, max_length=max_length, padding_side="left", with_answers=False,
+                               prompt_template=prompt_template)
     parameter = next(model.parameters())
     device = parameter.device
     float_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -360,3 +360,110 @@ def vqa_metrics(records: Iterable[dict], closed_match: ClosedMatch = "exact") ->
         "n_open": len(open_[0]),
         "n_report": len(report[0]),
     }
+
+
+# --------------------------------------------------------------------------------------
+# Real-benchmark reporting: the original protocol side by side, BLEU-1..4, breakdowns
+# --------------------------------------------------------------------------------------
+
+
+def bleu_n(predictions: Sequence[str], references: Sequence[str], n: int, normalize: bool = True) -> float:
+    """Corpus BLEU-n (cumulative 1..n-gram, uniform weights; sacrebleu, exp smoothing, 13a), 0-1.
+
+    ``bleu_n(..., 4)`` equals :func:`bleu4`. Report-generation papers (R2Gen and after)
+    list BLEU-1 to BLEU-4 computed this way (cumulative, corpus level).
+    """
+    from sacrebleu.metrics import BLEU
+
+    if n not in (1, 2, 3, 4):
+        raise ValueError(f"n must be 1..4, got {n}")
+    _check_pairs(predictions, references)
+    if not predictions:
+        return float("nan")
+    prep = normalize_answer if normalize else (lambda s: "" if s is None else str(s))
+    hyps = [prep(p) for p in predictions]
+    refs = [prep(r) for r in references]
+    score = BLEU(max_ngram_order=n, smooth_method="exp", tokenize="13a", force=True).corpus_score(hyps, [refs])
+    return min(1.0, score.score / 100.0)
+
+
+def radgraph_f1(predictions: Sequence[str], references: Sequence[str], model_dir: str,
+                reward_level: str = "partial") -> float:
+    """Clinical-entity F1 (F1-RadGraph) through the optional ``radgraph`` package, 0-1.
+
+    An optional extra, not a dependency: ``pip install radgraph`` and download its model
+    (``radgraph-xl``) to ``model_dir`` beforehand; nothing is fetched at evaluation time
+    (``HF_HUB_OFFLINE=1``). Untested here: neither the package's model nor network access
+    is available on the development machines, so only the error paths are covered.
+
+    Raises:
+        RuntimeError: the package is not installed.
+        FileNotFoundError: ``model_dir`` does not exist.
+    """
+    import os
+
+    _check_pairs(predictions, references)
+    try:
+        from radgraph import F1RadGraph
+    except ImportError:
+        raise RuntimeError("data.radgraph_model is set but the 'radgraph' package is not installed. Fix: "
+                           "pip install radgraph and download its model to that folder, or set "
+                           "data.radgraph_model=null.") from None
+    if not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"data.radgraph_model={model_dir!r} is not a folder. Fix: download the RadGraph "
+                                "model there (it is never fetched during evaluation), or set it to null.")
+    if not predictions:
+        return float("nan")
+    scorer = F1RadGraph(reward_level=reward_level, model_type="radgraph-xl", model_cache_dir=model_dir,
+                        tokenizer_cache_dir=model_dir)
+    mean_reward = scorer(refs=list(references), hyps=list(predictions))[0]
+    return float(mean_reward)
+
+
+def _type_key(value) -> str:
+    """A question type as a metric-key part: lowercase, non-alphanumerics -> ``_``."""
+    text = re.sub(r"[^0-9a-z]+", "_", str(value).strip().lower()).strip("_")
+    return text or "none"
+
+
+def evaluation_metrics(records: Iterable[dict], closed_match: ClosedMatch = "exact",
+                       radgraph_model: str | None = None) -> dict[str, float | int]:
+    """Everything an evaluation reports on a real benchmark, as flat keys.
+
+    Each record has ``prediction``, ``reference``, ``answer_type`` and optionally
+    ``question_type``. Returns :func:`vqa_metrics` (with ``closed_match``) plus:
+
+    * ``closed_accuracy_substring``: the original LLaVA-Med/MedAlign substring rule, side
+      by side with the exact ``closed_accuracy`` for comparison with published numbers;
+    * ``report_bleu1`` .. ``report_bleu3`` (``report_bleu4`` is in :func:`vqa_metrics`);
+    * ``report_radgraph_f1`` when ``radgraph_model`` is given (optional package);
+    * per question type ``T`` (answer type closed/open split inside):
+      ``by_qtype/T/closed_accuracy``, ``by_qtype/T/open_recall``, ``by_qtype/T/open_f1``,
+      ``by_qtype/T/n_closed``, ``by_qtype/T/n_open``; ``nan`` entries are left out.
+
+    The answer-type breakdown is the ``closed_*`` / ``open_*`` / ``report_*`` keys with
+    their ``n_*`` counts.
+    """
+    records = list(records)
+    out: dict[str, float | int] = dict(vqa_metrics(records, closed_match=closed_match))
+    kinds = [str(r["answer_type"]).strip().lower() for r in records]
+    closed = [r for r, k in zip(records, kinds) if k == "closed"]
+    report = [r for r, k in zip(records, kinds) if k == "report"]
+    out["closed_accuracy_substring"] = closed_accuracy([r["prediction"] for r in closed],
+                                                       [r["reference"] for r in closed], closed_match="substring")
+    report_pairs = ([r["prediction"] for r in report], [r["reference"] for r in report])
+    for n in (1, 2, 3):
+        out[f"report_bleu{n}"] = bleu_n(*report_pairs, n)
+    if radgraph_model and report:
+        out["report_radgraph_f1"] = radgraph_f1(*report_pairs, radgraph_model)
+    by_type: dict[str, list[dict]] = {}
+    for record, kind in zip(records, kinds):
+        if kind in ("closed", "open") and record.get("question_type"):
+            by_type.setdefault(_type_key(record["question_type"]), []).append({**record, "answer_type": kind})
+    for key, group in sorted(by_type.items()):
+        scores = vqa_metrics(group, closed_match=closed_match)
+        for name in ("closed_accuracy", "open_recall", "open_f1", "n_closed", "n_open"):
+            value = scores[name]
+            if not (isinstance(value, float) and math.isnan(value)):
+                out[f"by_qtype/{key}/{name}"] = value
+    return out

@@ -1,33 +1,13 @@
-"""The ``data`` config section and the splits it names: lazy item views and evaluation subsets."""
+"""The splits a ``data`` section names: lazy item views and deterministic evaluation subsets."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import ClassVar, Literal
 
 import numpy as np
 
 from ..common.errors import ConfigError
-from ..common.settings import Settings, setting
-
-SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class DataSettings(Settings):
-    """Which LLaVA conversation files a run trains and evaluates on, and how they are read."""
-
-    section: ClassVar[str] = "data"
-
-    train: str | None = setting(None, "LLaVA conversation JSON (or JSONL) of the train split.")
-    val: str | None = setting(None, "Val split file: evaluated every trainer.eval_every steps.")
-    test: str | None = setting(None, "Test split file: evaluated once, at the end.")
-    image_root: str | None = setting(None, "Folder the records' image paths start from (default: each file's folder).")
-    answer_types: list[str] | None = setting(None, "Keep only these answer types (e.g. [closed, open] or [report]).")
-    max_length: int = setting(256, "Most tokens per sample, image tokens included; only answers are truncated.", ge=1)
-    on_error: Literal["raise", "skip"] = setting("raise", "raise: stop at a bad record; skip: drop and count bad records.")
-    validate_images: bool = setting(True, "Decode every image up front (catches truncated files before training).")
+from .settings import SPLITS, DataSettings
 
 
 class SplitItems:
@@ -44,6 +24,10 @@ class SplitItems:
 
     def image_path(self, index: int) -> str:
         return str(self.dataset.items[self.indices[index]].image_path)
+
+    def question(self, index: int) -> str:
+        """The item's question without decoding its image."""
+        return self.dataset.items[self.indices[index]].question
 
 
 def load_split(data: DataSettings | Mapping, split: str) -> SplitItems:

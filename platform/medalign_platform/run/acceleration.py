@@ -1,12 +1,13 @@
 """Precision and memory of a run's student: weight dtype, autocast, gradient checkpointing, torch.compile.
 
-* ``model.dtype`` -- the dtype the student's weights are loaded in (:func:`resolve_dtype`;
-  ``auto`` is bf16 on a GPU, fp32 on the CPU). Evaluation generates with the same weights.
+* ``model.dtype`` -- the dtype the student's weights are loaded in
+  (:func:`~medalign_platform.core.student.torch_dtype`; ``auto`` is bf16 on a GPU, fp32 on
+  the CPU). Evaluation generates with the same weights.
   peft keeps LoRA weights in fp32 on a bf16/fp16 base, and the steer adapter is fp32, so
   only frozen weights are halved.
 * ``trainer.precision`` -- bf16 autocast around the training forward (:func:`autocast`).
 * ``trainer.gradient_checkpointing`` -- transformers' non-reentrant checkpointing of every
-  decoder block (:func:`enable_gradient_checkpointing`). Non-reentrant, because the tap's
+  decoder block (:func:`~medalign_platform.core.student.enable_gradient_checkpointing`). Non-reentrant, because the tap's
   captures are tensors produced inside the checkpointed blocks: with re-entrant
   checkpointing they would not be part of the autograd graph and the distillation losses
   would silently get no gradient.
@@ -29,17 +30,8 @@ from torch import nn
 
 from ..core.student import decoder_layers
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
 #: The torch.compile backend of ``trainer.compile`` (tests switch it to a faster one).
 COMPILE_BACKEND = "inductor"
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``model.dtype`` as a torch dtype: ``auto`` is bf16 on CUDA, fp32 elsewhere."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
 
 
 def autocast(device: torch.device, precision: str):
@@ -48,17 +40,6 @@ def autocast(device: torch.device, precision: str):
     if use_bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant activation checkpointing of every decoder block (LLM and vision tower)."""
-    options = {"use_reentrant": False}
-    try:
-        enable = model.activation_checkpointing_enable  # the newer transformers 5 name
-    except AttributeError:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
-        return
-    enable(activation_checkpointing_kwargs=options)
 
 
 def compile_blocks(model: nn.Module, backend: str | None = None) -> int:

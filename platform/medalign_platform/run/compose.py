@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import shutil
 import tempfile
@@ -26,9 +27,13 @@ from ..common.errors import ConfigError
 EXPERIMENTS_ENV = "MEDALIGN_EXPERIMENTS"
 DEFAULTS_NAME = "medalign_defaults"
 
-#: ``${name:key}`` resolvers: name -> "module:function" called with ``key``.
+#: ``${name:key}`` resolvers: name -> "module:function", called with ``key`` (and OmegaConf's
+#: ``_parent_`` / ``_root_`` nodes when the function takes them).
 RESOLVERS = {
-    "synthmed": "medalign_platform.synthmed.prepare:prepared_path",
+    "synthmed": "medalign_platform.synthmed.prepare:prepared_path",          # ${synthmed:data|teacher|student|cache}
+    "prepared": "medalign_platform.data.prepare:resolve_prepared",          # ${prepared:train|val|test|image_root|n_train}
+    "steps_for_epochs": "medalign_platform.data.prepare:steps_for_epochs",  # ${steps_for_epochs:9}
+    "medalign_cache": "medalign_platform.common.stage_cache:cache_path",    # ${medalign_cache:targets}
 }
 
 
@@ -43,10 +48,15 @@ def experiments_dir() -> Path:
 
 
 def _resolver(target: str):
+    """A resolver that imports ``target`` on its first use and passes it what its signature asks for."""
     module, function = target.split(":")
 
-    def resolve(key: str) -> str:
-        return str(getattr(importlib.import_module(module), function)(key))
+    def resolve(key, _parent_, _root_):
+        func = getattr(importlib.import_module(module), function)
+        wanted = inspect.signature(func).parameters
+        extra = {name: node for name, node in (("_parent_", _parent_), ("_root_", _root_)) if name in wanted}
+        value = func(key, **extra)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
 
     return resolve
 
@@ -120,5 +130,28 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "config") -
         cause = error.__cause__ if isinstance(error.__cause__, (FileNotFoundError, ConfigError)) else None
         if cause is not None:
             raise ConfigError(str(cause)) from error
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(f"config composition failed: {message}") from error
+
+
+def compose_prepare_section(overrides: Sequence[str]) -> dict:
+    """The preparation keys of the composed ``data`` section (``medalign prepare data=NAME data.source=...``).
+
+    Composes ``experiments/`` with the overrides but resolves only the keys that decide what
+    is prepared (``name``, ``source``, ``language`` ...), so nothing else (models, other
+    datasets, the prepared files themselves) needs to exist yet.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from ..data.settings import PREPARE_KEYS
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(experiments_dir()), version_base="1.3"):
+            composed = compose(config_name="config", overrides=list(overrides))
+        return {key: composed.data.get(key) for key in PREPARE_KEYS if key in composed.data}
+    except (HydraException, OmegaConfBaseException) as error:
         message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise ConfigError(f"config composition failed: {message}") from error

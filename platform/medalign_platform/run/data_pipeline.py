@@ -118,8 +118,9 @@ class TrainBatch:
         """Pinned copy (``DataLoader(pin_memory=True)`` calls it), so the copy to the GPU is asynchronous."""
         teacher = self.teacher
         if teacher is not None:
+            prompt = teacher.prompt_attention
             teacher = TeacherOutputs(teacher.patch_tokens.pin_memory(), teacher.cls_attention.pin_memory(),
-                                     teacher.grid)
+                                     teacher.grid, None if prompt is None else prompt.pin_memory())
         return TrainBatch({k: v.pin_memory() for k, v in self.inputs.items()}, teacher,
                           None if self.span is None else self.span.pin_memory(), self.size)
 
@@ -130,8 +131,10 @@ class TrainBatch:
             inputs["pixel_values"] = inputs["pixel_values"].to(pixel_dtype)
         teacher = self.teacher
         if teacher is not None:
+            prompt = teacher.prompt_attention
             teacher = TeacherOutputs(teacher.patch_tokens.to(device, non_blocking=True),
-                                     teacher.cls_attention.to(device, non_blocking=True), teacher.grid)
+                                     teacher.cls_attention.to(device, non_blocking=True), teacher.grid,
+                                     None if prompt is None else prompt.to(device, non_blocking=True))
         span = None if self.span is None else self.span.to(device, non_blocking=True)
         return TrainBatch(inputs, teacher, span, self.size)
 
@@ -143,18 +146,21 @@ class TrainCollate:
 
     Args:
         collator: the training :class:`~medalign_platform.data.collate.StudentCollator`.
-        targets: ``image paths -> TeacherOutputs`` (the run's
+        targets: ``(image paths, questions) -> TeacherOutputs`` (the run's
             :class:`~medalign_platform.run.evaluation.TargetLookup`), or None.
         locator: the tap's :class:`~medalign_platform.core.tap.SpanLocator`, or None.
     """
 
-    def __init__(self, collator: StudentCollator, targets: Callable[[Sequence[str]], TeacherOutputs] | None,
+    def __init__(self, collator: StudentCollator,
+                 targets: Callable[[Sequence[str], Sequence[str]], TeacherOutputs] | None,
                  locator: SpanLocator | None):
         self.collator, self.targets, self.locator = collator, targets, locator
 
     def __call__(self, items: list[dict]) -> TrainBatch:
         inputs, _ = self.collator(items)
-        teacher = self.targets([item["image_path"] for item in items]) if self.targets is not None else None
+        teacher = None
+        if self.targets is not None:  # questions matter only to prompt-aware targets
+            teacher = self.targets([item["image_path"] for item in items], [item["question"] for item in items])
         span = None
         if self.locator is not None:
             span = self.locator(inputs["input_ids"], inputs["attention_mask"], inputs.get("labels"))

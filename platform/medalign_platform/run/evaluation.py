@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..common.errors import MedAlignError
+from ..common.errors import ConfigError, MedAlignError
 from ..data.collate import generate_answers
-from ..data.metrics import grounding_score, mean_grounding_score, vqa_metrics
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
+from ..data.prompts import clean_question
 from ..data.splits import SplitItems, evaluation_items, load_split
 
 if TYPE_CHECKING:
@@ -26,42 +27,60 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TeacherKey:
-    """What identifies a teacher's targets in the cache: its fingerprint, native grid and width."""
+    """What identifies a teacher's targets in the cache: its fingerprints, native grid and width.
+
+    ``prompt_identity`` keys the question-conditioned maps (``teacher.attention=prompt_aware``);
+    None when the teacher has no text tower.
+    """
 
     identity: str
     grid: tuple[int, int]
     width: int
+    prompt_identity: str | None = None
+
+    @classmethod
+    def of(cls, teacher) -> "TeacherKey":
+        prompt = teacher.prompt_identity if getattr(teacher, "has_text", True) else None
+        return cls(teacher.identity, tuple(teacher.grid), int(teacher.width), prompt)
 
 
 class TargetLookup:
-    """Maps image files to their cached teacher targets.
+    """Maps image files (and, prompt-aware, their questions) to their cached teacher targets.
 
     The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`);
     image content hashes are computed once per image; targets are read from the shared
     :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
     :func:`precompute_targets` on the driver. Data-loader workers use the training
     process's lookup (forked, so the teacher model is shared, not copied). Built from a
-    ``key`` alone, a lookup loads the teacher only if an image is missing from the cache
+    ``key`` alone, a lookup loads the teacher only if an entry is missing from the cache
     (benchmarks use this with a cache of random targets and no teacher at all).
 
     Args:
-        teacher: the ``teacher`` section (``cache_dir``; ``name``/``pretrained`` to load it).
+        teacher: the ``teacher`` section (``cache_dir``, ``attention``; ``name``/``pretrained``
+            to load it).
+        model: an already loaded teacher (instead of loading ``teacher.name``).
         key: the teacher's key when already known; the teacher is then not loaded up front.
     """
 
-    def __init__(self, teacher: TeacherSettings, *, key: TeacherKey | None = None):
+    def __init__(self, teacher: TeacherSettings, model=None, *, key: TeacherKey | None = None):
         from ..core.target_cache import TargetCache
 
         self.settings = teacher
+        self.mode = teacher.attention
         self.cache = TargetCache(teacher.cache_dir)
-        self._model = None
+        self._model = model
         if key is None:
-            self._model = self._load()
-            key = TeacherKey(self._model.identity, tuple(self._model.grid), int(self._model.width))
+            if self._model is None:
+                self._model = self._load()
+            key = TeacherKey.of(self._model)
         self.key = key
+        if self.mode == "prompt_aware" and key.prompt_identity is None:
+            raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
+                              "teacher.attention=cls or convert it with its text encoder")
         self._hashes: dict[str, str] = {}
 
-    # What TargetCache needs of a teacher: the key's fields, and encode_images on a miss.
+    # What TargetCache needs of a teacher: the key's fields, encode_images (and the prompt-aware
+    # pair) on a miss.
     @property
     def identity(self) -> str:
         return self.key.identity
@@ -73,6 +92,12 @@ class TargetLookup:
     @property
     def width(self) -> int:
         return self.key.width
+
+    @property
+    def prompt_identity(self) -> str:
+        if self.key.prompt_identity is None:
+            raise AttributeError("this teacher has no text tower, so no prompt-aware targets")
+        return self.key.prompt_identity
 
     @property
     def teacher(self):
@@ -97,6 +122,9 @@ class TargetLookup:
     def encode_images(self, images, batch_size: int | None = None):
         return self.teacher.encode_images(images, batch_size)
 
+    def encode_prompt_aware(self, images, questions, batch_size: int | None = None):
+        return self.teacher.encode_prompt_aware(images, questions, batch_size)
+
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash
 
@@ -105,9 +133,20 @@ class TargetLookup:
             self._hashes[key] = image_content_hash(path)
         return self._hashes[key]
 
-    def __call__(self, image_paths: Sequence[str]):
-        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order."""
-        return self.cache.get_or_compute(self, list(image_paths), keys=[self._hash(p) for p in image_paths])
+    def __call__(self, image_paths: Sequence[str], questions: Sequence[str] | None = None):
+        """Teacher targets (``TeacherOutputs`` on CPU) for these image files, in order.
+
+        ``questions`` (one per image) are used only with ``teacher.attention=prompt_aware``,
+        where they are required; the result then carries ``prompt_attention``.
+        """
+        if self.mode == "prompt_aware":
+            if questions is None:
+                raise ValueError("teacher.attention=prompt_aware needs the question of every image")
+            questions = [clean_question(q) for q in questions]
+        else:
+            questions = None
+        return self.cache.get_or_compute(self, list(image_paths), keys=[self._hash(p) for p in image_paths],
+                                         questions=questions)
 
 
 def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int = 2048) -> dict:
@@ -117,9 +156,16 @@ def precompute_targets(teacher: TeacherSettings, items: SplitItems, chunk: int =
     same teacher and images only reads.
     """
     lookup = TargetLookup(teacher)
-    unique = sorted({items.image_path(i) for i in range(len(items))})
-    for start in range(0, len(unique), chunk):
-        lookup(unique[start : start + chunk])
+    if lookup.mode == "prompt_aware":  # one map per (image, question) pair
+        pairs = sorted({(items.image_path(i), items.question(i)) for i in range(len(items))})
+        for start in range(0, len(pairs), chunk):
+            part = pairs[start : start + chunk]
+            lookup([p for p, _ in part], [q for _, q in part])
+        unique = sorted({p for p, _ in pairs})
+    else:
+        unique = sorted({items.image_path(i) for i in range(len(items))})
+        for start in range(0, len(unique), chunk):
+            lookup(unique[start : start + chunk])
     stats = lookup.cache.stats
     return {"images": len(unique), "hits": stats.hits, "misses": stats.misses, "corrupt": stats.corrupt}
 
@@ -131,7 +177,8 @@ def _prompt_attention(tap, batch_size: int) -> torch.Tensor:
 
 
 def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 32, max_new_tokens: int = 16,
-                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None) -> dict:
+                   num_beams: int = 1, max_length: int = 1024, on_predictions: Callable | None = None,
+                   radgraph_model: str | None = None, prompt_template: str = "auto") -> dict:
     """Answers ``items`` greedily (or with beams) and scores them.
 
     Args:
@@ -144,10 +191,15 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         max_length: most prompt tokens (see :class:`~medalign_platform.data.collate.StudentCollator`).
         on_predictions: optional callback ``(items, predictions, attentions)`` (e.g. TensorBoard);
             ``attentions`` is None without a tap.
+        radgraph_model: optional local RadGraph model folder for ``report_radgraph_f1``.
+        prompt_template: ``model.prompt_template`` (see :mod:`medalign_platform.data.prompts`).
 
     Returns:
-        ``closed_accuracy``, ``open_recall``, ``open_f1``, report BLEU-4/ROUGE-L where
-        present, ``grounding`` (mean over items whose image has a lesion; with a tap) and counts.
+        ``closed_accuracy`` (and ``closed_accuracy_substring``, the original rule),
+        ``open_recall``, ``open_f1``, report BLEU-1..4/ROUGE-L where present, per question
+        type ``by_qtype/...`` breakdowns, ``grounding`` (mean over items whose image has a
+        non-empty mask; with a tap) and counts (see
+        :func:`~medalign_platform.data.metrics.evaluation_metrics`).
     """
     attentions: list[torch.Tensor] = []
     on_batch = None
@@ -156,15 +208,18 @@ def evaluate_items(model, processor, tap, items: Sequence, *, batch_size: int = 
         on_batch = lambda meta, _: attentions.append(_prompt_attention(tap, len(meta)))  # noqa: E731
     try:
         predictions = generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch)
+                                       num_beams=num_beams, max_length=max_length, on_batch=on_batch,
+                                       prompt_template=prompt_template)
     finally:
         if tap is not None:
             tap.capture_attention = capture
     records = [
-        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"]}
+        {"prediction": p, "reference": item["answer"], "answer_type": item["answer_type"],
+         "question_type": item.get("question_type")}
         for p, item in zip(predictions, items)
     ]
-    metrics = {k: v for k, v in vqa_metrics(records).items() if not (isinstance(v, float) and np.isnan(v))}
+    metrics = {k: v for k, v in evaluation_metrics(records, radgraph_model=radgraph_model).items()
+               if not (isinstance(v, float) and np.isnan(v))}
     attention = torch.cat(attentions) if attentions else None  # [n, N]
     if attention is not None:
         scores = []
@@ -188,4 +243,5 @@ def evaluate_split(model, processor, objective, settings: RunSettings, split: st
     return evaluate_items(
         model, processor, objective.tap, items, batch_size=trainer.eval_batch_size,
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
+        radgraph_model=settings.data.radgraph_model, prompt_template=settings.model.prompt_template,
     )

@@ -31,9 +31,9 @@ import torch
 
 from ..common.errors import MedAlignError
 from ..core.objective import MedAlignObjective
-from ..core.student import apply_lora, load_student
+from ..core.student import apply_lora, check_expected_layout, enable_gradient_checkpointing, load_student, torch_dtype
 from ..data.collate import StudentCollator
-from .acceleration import autocast, compile_blocks, eager, enable_gradient_checkpointing, resolve_dtype
+from .acceleration import autocast, compile_blocks, eager
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data_pipeline import (
     MicroBatchSampler,
@@ -174,13 +174,14 @@ def build_run(settings: RunSettings, context: RunContext) -> RunParts:
     started = time.perf_counter()
     seed_everything(trainer.seed)
     device = context.device
-    dtype = resolve_dtype(settings.model.dtype, device)
+    model_cfg = settings.model
+    dtype = torch_dtype(model_cfg.dtype, device)
 
     if context.student is not None:
         model, processor = context.student(settings, dtype)
     else:
-        model, processor = load_student(settings.model.path, dtype=dtype,
-                                        attn_implementation=settings.model.attn_implementation)
+        model, processor = load_student(model_cfg.path, dtype=dtype, attn_implementation=model_cfg.attn_implementation)
+    check_expected_layout(model, grid=model_cfg.grid, vision_feature_layer=model_cfg.vision_feature_layer)
     model = apply_lora(model, settings.lora)
     objective = MedAlignObjective(model, settings.distill)  # checks the layer against the loaded model
     if trainer.gradient_checkpointing:
@@ -191,7 +192,7 @@ def build_run(settings: RunSettings, context: RunContext) -> RunParts:
     targets = context.targets if context.targets is not None else TargetLookup(settings.teacher)
     items = TrainItems(load_split(settings.data, "train"))
     collate = TrainCollate(
-        StudentCollator(processor, max_length=settings.data.max_length),
+        StudentCollator(processor, max_length=settings.data.max_length, prompt_template=model_cfg.prompt_template),
         targets if objective.active else None,  # forked workers share the loaded teacher
         objective.tap.locator())
     cpus = context.cpus if context.cpus is not None else available_cpus()
@@ -386,8 +387,10 @@ def _log_predictions(logger, targets, objective: MedAlignObjective, step: int, s
         if logger is None:
             return
         shown = items[:4]
-        teacher = targets([item["image_path"] for item in shown])
-        teacher_attention = teacher_attention_map(teacher.cls_attention, teacher.grid, objective.student_grid)
+        teacher = targets([item["image_path"] for item in shown], [item["question"] for item in shown])
+        # The only place distill.teacher_max_normalize matters: how the panel scales the map.
+        teacher_attention = teacher_attention_map(teacher.attention, teacher.grid, objective.student_grid,
+                                                  max_normalize=objective.settings.teacher_max_normalize)
         logger.evaluation(step, split, items, answers, student_attention, teacher_attention, objective.student_grid)
 
     return log

@@ -15,24 +15,16 @@ leaves nothing half-built behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from ..common.settings import Settings, setting
 
-DEFAULT_CACHE_ENV = "MEDALIGN_CACHE"
-
-
-def default_cache_dir() -> Path:
-    """``$MEDALIGN_CACHE`` if set, else ``~/.cache/medalign``."""
-    return Path(os.environ.get(DEFAULT_CACHE_ENV) or Path.home() / ".cache" / "medalign")
+# The stage cache moved to common/ so the real-data adapters share it; re-exported here.
+from ..common.stage_cache import DEFAULT_CACHE_ENV, cached_stage, default_cache_dir  # noqa: F401
+from ..common.stage_cache import fingerprint as _fingerprint  # noqa: F401
 
 
 @dataclass
@@ -58,42 +50,6 @@ class PreparedSynthMed:
     student_dir: Path
     teacher_metrics: dict
     student_metrics: dict
-
-
-def _fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def cached_stage(root: Path, name: str, recipe: dict, build: Callable[[Path], dict]) -> tuple[Path, dict]:
-    """Returns ``(dir, info)`` of a stage, building it only if no complete copy exists.
-
-    Args:
-        root: the cache directory of this dataset.
-        name: stage name (``data``, ``teacher``, ``student``).
-        recipe: everything the stage's output depends on (versions, params, inputs).
-        build: writes the stage into the given (temporary) directory and returns a JSON-able
-            summary (metrics, timings) stored in ``stage.json``.
-    """
-    target = root / f"{name}-{_fingerprint(recipe)}"
-    record = target / "stage.json"
-    if record.is_file():
-        info = json.loads(record.read_text())
-        if info.get("recipe") == recipe:
-            return target, info
-    tmp = root / f".{target.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    started = time.perf_counter()
-    try:
-        summary = build(tmp)
-        info = {"recipe": recipe, "summary": summary, "seconds": round(time.perf_counter() - started, 1)}
-        (tmp / "stage.json").write_text(json.dumps(info, indent=2, sort_keys=True))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target, info
 
 
 # Bump when the expert CLIP recipe in expert_clip.py changes its output.

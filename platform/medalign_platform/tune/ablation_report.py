@@ -81,7 +81,7 @@ def aggregate(records: Sequence[dict], layers: Sequence[int], seeds: Sequence[in
     """Per-layer statistics over seeds from sweep trial records.
 
     Args:
-        records: :func:`~medalign_platform.tune.sweep.trial_records` rows (``status``,
+        records: :func:`~medalign_platform.tune.records.trial_records` rows (``status``,
             ``params`` with ``distill.layer``/``trainer.seed``, ``metrics``, ``trial_id``).
         layers, seeds: the grid; cells with no finished trial are listed in ``missing``.
         metric, mode: the metric that picks the best layer, and its direction.

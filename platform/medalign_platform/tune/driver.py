@@ -66,7 +66,20 @@ def prepare_sweep(request: SweepRequest | Sequence[str], base=None):
     space = request.search if isinstance(request.search, SearchSpace) else load_search_space(str(request.search))
     base = base or resolve_run_settings(request.config_overrides, default_name="sweep")
     space.validate(base)
-    return resolve_plan(request, base, space), space, base
+    plan = resolve_plan(request, base, space)
+    _refuse_trials_that_cannot_fit(base, plan)
+    return plan, space, base
+
+
+def _refuse_trials_that_cannot_fit(base, plan: SweepPlan) -> None:
+    """The preflight's trial-size check (``run/preflight.py``), before any Ray resource is requested:
+    a trial's estimated GPU memory against its share of the cluster's (or ``ray.gpu_memory_gib``'s) GPUs."""
+    from ..run.preflight import check_trial_fits, local_gpus, parse_gpus
+
+    gpus = local_gpus() or parse_gpus(base.ray.gpu_memory_gib)
+    problems = check_trial_fits(base, plan.trial_resources, gpus)
+    if problems:
+        raise ConfigError(" ".join(problems))
 
 
 def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = None) -> dict:
@@ -248,8 +261,9 @@ def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
     return fits
 
 
-def _state_api_available(wait_s: float = 60.0) -> bool:
-    """Whether the Ray state API answers (it needs the dashboard, which may still be starting)."""
+def _state_api_available(wait_s: float = 180.0) -> bool:
+    """Whether the Ray state API answers (it needs the dashboard, which may still be starting: on a
+    loaded 2-core machine that took over a minute)."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + wait_s

@@ -21,14 +21,21 @@ TAIL_COLUMNS = ["step", "max_steps", "stopped_early", "wall_s"]
 def metric_columns(metrics: Sequence[str], records: Sequence[dict]) -> list[str]:
     """The sweep metrics first, then every other val/* and then test/* metric the trials report."""
     seen = {k for r in records for k, v in r["metrics"].items()
-            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics}
+            if k.startswith(EVAL_PREFIXES) and finite_number(v) is not None and k not in metrics
+            and not is_breakdown(k)}
     return [*metrics, *sorted(k for k in seen if k.startswith("val/")),
             *sorted(k for k in seen if k.startswith("test/"))]
 
 
+def is_breakdown(column: str) -> bool:
+    """``val/by_qtype/pres/closed_accuracy`` and the like: per-question-type breakdowns stay in the
+    trial's results and TensorBoard, out of the leaderboard (dozens of columns on VQA-RAD)."""
+    return "/by_qtype/" in column
+
+
 def is_count(column: str) -> bool:
-    """``val/n_closed`` and the like: sample counts, not metrics."""
-    return column.startswith(EVAL_PREFIXES) and column.split("/", 1)[1].startswith("n_")
+    """``val/n_closed``, ``val/by_qtype/count/n_open`` and the like: sample counts, not metrics."""
+    return column.startswith(EVAL_PREFIXES) and column.rsplit("/", 1)[-1].startswith("n_")
 
 
 def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics: Sequence[str],
@@ -37,7 +44,7 @@ def leaderboard_rows(records: Sequence[dict], param_keys: Sequence[str], metrics
     """One row per trial, ranked by the first metric (trials without it last, in trial order).
 
     Args:
-        records: :func:`medalign_platform.tune.sweep.trial_records` output.
+        records: :func:`medalign_platform.tune.records.trial_records` output.
         param_keys: the search-space keys, in column order.
         metrics, modes: the sweep metrics and their min/max modes.
         numbers: Optuna trial number per Tune trial id.

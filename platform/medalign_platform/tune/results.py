@@ -34,8 +34,8 @@ from ..common.overrides import as_tree, parse_overrides
 from ..common.settings import Settings, setting
 from .best_experiment import write_best_experiment
 from .layout import SWEEP_SPEC_FILE, check_experiment_dir, study_url
-from .leaderboard import LEADERBOARD_CSV, is_count, leaderboard_document, leaderboard_markdown, leaderboard_rows, \
-    write_leaderboard_csv
+from .leaderboard import (LEADERBOARD_CSV, is_breakdown, is_count, leaderboard_document, leaderboard_markdown,
+                          leaderboard_rows, write_leaderboard_csv)
 from .records import live_records, summarize
 from .study_report import load_study, optuna_numbers, param_importances, plot_history, plot_importances
 from .sweep_tensorboard import write_tensorboard
@@ -150,7 +150,7 @@ def status_report(result: dict, top: int) -> str:
         lines += [(f"Best trial {best['trial_id']} (Optuna trial {best['optuna_trial']}, rank {row.get('rank')}, "
                    f"step {row.get('step')}/{row.get('max_steps')}):"),
                   "  metrics: " + ", ".join(f"{k} = {_format(v)}" for k, v in best["all_metrics"].items()
-                                             if not is_count(k)),
+                                             if not is_count(k) and not is_breakdown(k)),
                   "  params:  " + ", ".join(f"{k}={_format(v)}" for k, v in best["params"].items())]
     if result["pareto"] is not None:
         lines.append(f"Pareto front ({', '.join(result['metrics'])}): trials {', '.join(result['pareto'])}")

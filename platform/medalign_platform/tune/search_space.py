@@ -67,6 +67,15 @@ _YAML_BOOLEAN_HINT = ("YAML reads unquoted off/on/yes/no/true/false as booleans:
                       "e.g. values: [\"off\", full, low_rank]")
 
 
+# Keys of otherwise fixed sections that a sweep may still vary (they change the targets, not the model).
+SEARCHABLE_KEYS = ("teacher.attention",)
+# Keys that look like knobs but cannot change a result: searching them only wastes trials.
+NOT_SEARCHABLE = {
+    "distill.teacher_max_normalize": "display-only (it scales the TensorBoard attention panels); neither loss can "
+                                     "change with it, so it is not searchable -- drop the entry",
+}
+
+
 class SearchSpaceError(ConfigError):
     """A search space file is wrong; the message names the file, the entry and the fix."""
 
@@ -304,10 +313,13 @@ class SearchSpace:
                 known = (sorted(flatten({section: base_config[section]})) if isinstance(base_config.get(section), dict)
                          else sorted(k for k in base_config if k != "run"))
                 raise SearchSpaceError(f"{self.source}: entry {key}: unknown config key; known keys there: {known}")
-            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data", "tensorboard"):
+            if key in NOT_SEARCHABLE:
+                raise SearchSpaceError(f"{self.source}: entry {key}: {NOT_SEARCHABLE[key]}")
+            if key.split(".")[0] in ("run", "ray", "model", "teacher", "data", "tensorboard") \
+                    and key not in SEARCHABLE_KEYS:
                 raise SearchSpaceError(
                     f"{self.source}: entry {key}: section '{key.split('.')[0]}' cannot be searched; "
-                    f"search distill.*, lora.*, optim.* or trainer.* keys"
+                    f"search distill.*, lora.*, optim.*, trainer.* keys or {', '.join(SEARCHABLE_KEYS)}"
                 )
             if isinstance(get_flat(base_config, key), dict):
                 raise SearchSpaceError(f"{self.source}: entry {key} is a whole config section; name one of its keys")
