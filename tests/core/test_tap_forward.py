@@ -7,7 +7,13 @@ import torch
 from conftest import make_batch
 
 from medalign_platform.core.objective import DistillSettings, MedAlignObjective
-from medalign_platform.core.student import LoraSettings, apply_lora, image_token_id, load_student
+from medalign_platform.core.student import (
+    LoraSettings,
+    apply_lora,
+    enable_gradient_checkpointing,
+    image_token_id,
+    load_student,
+)
 from medalign_platform.core.tap import DistillationTap, SpanLayout, find_visual_positions, text_query_mask
 
 NUM_VISUAL = 64
@@ -111,7 +117,7 @@ def test_gradient_checkpointing_gives_the_same_losses_and_gradients(tiny_student
     for checkpointing in (False, True):
         model, processor = _lora_student(tiny_student_dir, 0.2, implementation="sdpa")
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_gradient_checkpointing(model)
         model.train()
         objective = MedAlignObjective(model, DistillSettings(layer=2, lambda_align=1.0, lambda_attn=0.5))
         batch = make_batch(processor, random_images, "left")
