@@ -29,7 +29,7 @@ LOGS=$(mktemp -d)
 if [ "$SIZE" = tiny ]; then
   STEP_ARGS=(--size tiny --batch 2 --seq-text 24 --steps 2 --warmup 1)
   COMPILE_ARGS=(--compile-backend "${COMPILE_BACKEND:-eager}")
-  LOOP_ARGS=(--size tiny --batch 2 --seq-text 24 --steps 2 --warmup 1 --items 12 --eval-items 2 --max-new-tokens 2)
+  LOOP_ARGS=(--size tiny --batch 2 --seq-text 24 --steps 2 --warmup 1 --items 12 --eval-items 2 --max-new-tokens 2 --rounds 1)
   LIMIT_STEP=${LIMIT_STEP:-400}; LIMIT_COMPILE=${LIMIT_COMPILE:-600}; LIMIT_LOOP=${LIMIT_LOOP:-400}
 else
   STEP_ARGS=(--size 7b --batch 8 --steps 10 --warmup 3)
