@@ -11,7 +11,10 @@
 # memory costs its limit, not the rest.
 #
 #   OUT=/tmp/gpu bash benchmarks/gpu_check.sh                   # on the GPU host (PYTHON=python3)
-#   SIZE=tiny OUT=/tmp/gpu PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh   # the same script on a CPU
+#   SIZE=tiny OUT=$(mktemp -d) bash benchmarks/gpu_check.sh    # the same script on a CPU
+#
+# PYTHON: the interpreter; by default the first of $VIRTUAL_ENV/bin/python, <repo>/.venv/bin/python and
+# python3 that imports torch.
 #
 # SIZE=tiny runs the tiny CPU model with small step counts and the dynamo-only "eager" compile backend
 # (inductor needs minutes per graph on a small CPU), to check the script end to end.
@@ -19,7 +22,15 @@ set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SIZE=${SIZE:-7b}
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then  # the first interpreter that has torch: an active venv, the repo's, python3
+  for candidate in ${VIRTUAL_ENV:+"$VIRTUAL_ENV/bin/python"} "$ROOT/.venv/bin/python" python3; do
+    if "$candidate" -c "import torch" >/dev/null 2>&1; then PYTHON=$candidate; break; fi
+  done
+  if [ -z "${PYTHON:-}" ]; then
+    echo "gpu_check.sh: no Python with torch found (tried \$VIRTUAL_ENV, $ROOT/.venv, python3); set PYTHON=/path/to/python" >&2
+    exit 2
+  fi
+fi
 OUT=${OUT:?set OUT to the folder for the JSON results}
 export PYTHONPATH="$ROOT/platform${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false

@@ -110,6 +110,29 @@ def _same(a: TrainBatch, b: TrainBatch) -> bool:
             and torch.equal(a.span.query_positions, b.span.query_positions))
 
 
+def test_questions_reach_the_target_lookup_and_prompt_maps_survive_the_copy(pipeline):
+    """teacher.attention=prompt_aware: each item's question goes to the lookup with its image, and
+    the question-conditioned map (the attention target then) travels with the batch to the device."""
+    from medalign_platform.core.teacher import TeacherOutputs
+
+    items, collate, targets, _ = pipeline
+    asked = []
+
+    def prompt_aware(paths, questions):  # the real cached targets, plus a distinct prompt map
+        asked.append((list(paths), list(questions)))
+        cached = targets(paths, questions)
+        return TeacherOutputs(cached.patch_tokens, cached.cls_attention, cached.grid,
+                              prompt_attention=cached.cls_attention.flip(-1))
+
+    chosen = [items[i] for i in (0, 2, 5)]
+    batch = TrainCollate(collate.collator, prompt_aware, collate.locator)(chosen)
+    assert asked == [([item["image_path"] for item in chosen], [item["question"] for item in chosen])]
+    moved = batch.to(torch.device("cpu"), torch.float32)
+    assert moved.teacher.prompt_attention is not None
+    assert torch.equal(moved.teacher.attention, batch.teacher.cls_attention.flip(-1))
+    assert not torch.equal(moved.teacher.attention, moved.teacher.cls_attention)
+
+
 def test_worker_processes_give_exactly_the_in_process_batches(pipeline):
     items, collate, targets, _ = pipeline
     rng = torch.get_rng_state()
