@@ -29,6 +29,22 @@ def test_auto_dtype_is_bf16_on_a_gpu_and_fp32_on_the_cpu():
     assert torch_dtype("float32", torch.device("cuda")) == torch.float32
 
 
+def test_the_preflight_reads_auto_as_what_the_workers_load():
+    from medalign_platform.run.preflight import PreflightReport, _check_dtype_and_attention, compute_dtype_of
+    from medalign_platform.run.settings import RunSettings
+
+    gpu = RunSettings.from_config({"ray": {"use_gpu": True}})
+    assert gpu.model.dtype == "auto" and compute_dtype_of(gpu) == ("bfloat16", "bfloat16")
+    for settings, warned in ((gpu, False), (RunSettings.from_config({"ray": {"use_gpu": True},
+                                                                     "model": {"dtype": "float32"}}), True)):
+        report = PreflightReport()
+        _check_dtype_and_attention(settings, report)
+        assert any("keeps fp32 weights" in w for w in report.warnings) == warned
+    report = PreflightReport()
+    _check_dtype_and_attention(RunSettings.from_config({}), report)  # auto on a CPU run: float32, no warning
+    assert not any("on CPU is slow" in w for w in report.warnings)
+
+
 def _student(tiny_student_dir, compiled: bool, backend: str = BACKEND):
     model, processor = load_student(tiny_student_dir)
     torch.manual_seed(3)

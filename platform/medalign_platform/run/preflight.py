@@ -298,6 +298,8 @@ class PreflightReport:
 
 def _check_dtype_and_attention(settings: RunSettings, report: PreflightReport) -> None:
     use_gpu, dtype = settings.ray.use_gpu, settings.model.dtype
+    if dtype == "auto":  # what the workers load (core.student.torch_dtype)
+        dtype = "bfloat16" if use_gpu else "float32"
     implementation, precision = settings.model.attn_implementation, settings.trainer.precision
     if implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
