@@ -28,6 +28,23 @@ def test_the_gpu_host_lacks_what_the_blocker_hides(tmp_path):
     assert done.stdout.strip() == "[] True"
 
 
+def test_the_benches_import_and_score_without_the_hidden_packages(tmp_path):
+    """The quick guard of the slow test below: what loop_bench imports and its evaluation's scoring
+    (closed answers: no BLEU, so no sacrebleu) work on the bare GPU host."""
+    script = ("import sys; sys.path[:0] = [sys.argv[1]]; import loop_bench, step_bench; "
+              "from medalign_platform.run.loop import train; from medalign_platform.run.evaluation import evaluate_split; "
+              "from medalign_platform.data.metrics import evaluation_metrics; "
+              "m = evaluation_metrics([{'prediction': 'w7 w9', 'reference': 'w7  W9', 'answer_type': 'closed'}, "
+              "{'prediction': 'w1', 'reference': 'w2', 'answer_type': 'closed'}]); "
+              "print(m['closed_accuracy'], m['n_closed'], m['n_open'], sorted(sys.modules.keys() & "
+              "{'open_clip', 'ray', 'hydra', 'omegaconf', 'optuna', 'sacrebleu', 'rouge_score', 'ftfy'}))")
+    env = {**_env(tmp_path), "PYTHONPATH": f"{GPU_HOST}:{ROOT / 'platform'}"}
+    done = subprocess.run([sys.executable, "-c", script, str(ROOT / "benchmarks")], env=env, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "0.5 2 0 []"
+
+
 @pytest.mark.slow
 def test_the_script_runs_every_bench_and_writes_its_json(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], env=_env(tmp_path), cwd=tmp_path,
