@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast install clean bench
+.PHONY: demo test test-fast install clean bench system-deps
 
 # The stamp is rebuilt whenever the project's dependency list changes.
 $(STAMP): pyproject.toml
@@ -30,7 +30,27 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign prepare data=synthmed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/medalign sweep $(DEMO_ARGS)
 
-test: $(STAMP)
+# System packages that some tests need: PostgreSQL's server binaries (the study-storage
+# tests start a real server; as root they run it as the `postgres` user the package creates)
+# and Chromium with its WebDriver (the dashboards are checked in a headless browser).
+# apt-get installs the missing ones when we are root (as on CI); otherwise this says what to
+# install, and those tests skip with that reason. Nothing is fetched when all are present.
+system-deps:
+	@missing=""; \
+	{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; } \
+		&& { [ "$$(id -u)" != 0 ] || id -u postgres >/dev/null 2>&1; } || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null 2>&1 || missing="$$missing chromium-driver"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "make system-deps: apt-get install$$missing"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; } \
+			|| echo "make system-deps: apt-get failed; the tests that need$$missing skip"; \
+	else \
+		echo "make system-deps: missing$$missing (Debian: sudo apt-get install$$missing); the tests that need them skip"; \
+	fi
+
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest
 
 test-fast: $(STAMP)

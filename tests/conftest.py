@@ -70,3 +70,29 @@ def random_teacher_targets(batch_size: int, grid=(4, 4), width: int = 32, seed: 
     tokens = torch.randn(batch_size, grid[0] * grid[1], width, generator=generator)
     attention = torch.softmax(torch.randn(batch_size, grid[0] * grid[1], generator=generator), dim=-1)
     return FakeTeacherTargets(tokens, attention, grid)
+
+
+# --------------------------------------------------------------------------- storage servers
+# One of each per test session, started on first use (tests/storage_servers.py): every
+# test that needs S3 or PostgreSQL uses its own prefix or study name on the same server.
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 server (moto) on 127.0.0.1 with one bucket; ``AWS_*`` point at it for the session."""
+    from storage_servers import s3_server
+
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server on 127.0.0.1 (the machine's binaries) with an empty database."""
+    from storage_servers import postgres_bin, postgres_server
+
+    if postgres_bin() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb) on this machine: `make system-deps` installs them "
+                    "(Debian: apt-get install postgresql)")
+    with postgres_server() as server:
+        yield server

@@ -71,8 +71,18 @@ def _train(args) -> int:
     print(json.dumps(result, indent=2, sort_keys=True))
     print(f"medalign train: {metrics.get('step')} steps, {metrics.get('perf/samples_per_s', float('nan')):.1f} samples/s, "
           f"{100 * metrics.get('perf/outside_loop_share', float('nan')):.0f}% of worker wall time outside the training "
-          f"loop; TensorBoard: tensorboard --logdir {result['tensorboard']}", file=sys.stderr)
+          f"loop; TensorBoard: {_tensorboard_hint(result)}", file=sys.stderr)
     return 0
+
+
+def _tensorboard_hint(result: dict) -> str:
+    """How to open a run's TensorBoard: TensorBoard reads local folders; a run in an object store
+    is served from a local mirror by ``medalign dashboard``."""
+    from .run.filesystems import is_uri
+
+    if is_uri(result["tensorboard"]):
+        return f"medalign dashboard {result['run_dir']}"
+    return f"tensorboard --logdir {result['tensorboard']}"
 
 
 def _sweep(args) -> int:
@@ -110,9 +120,15 @@ def _export(args) -> int:
 
     if not args.out:
         raise SystemExit("usage: medalign export RUN_DIR --out DIR")
+    from .run.filesystems import is_uri
+
     out = export_run(args.path, args.out)
-    print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
-          "or medalign_platform.run.export.load_exported")
+    if is_uri(out):  # peft and transformers load local folders
+        print(f"exported to {out}: to load it, export to a local folder too (medalign export {args.path} --out DIR), "
+              "then peft.PeftModel.from_pretrained(base, DIR) or medalign_platform.run.export.load_exported(DIR)")
+    else:
+        print(f"exported to {out}: load with peft.PeftModel.from_pretrained(base, '{out}') "
+              "or medalign_platform.run.export.load_exported")
     return 0
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from medalign_platform.synthmed.expert_clip import (
+    EXPERT_CLIP_ARCH,
     clip_loss,
     evaluate_expert_clip,
     fit_expert_clip,
@@ -19,6 +20,7 @@ from medalign_platform.synthmed.expert_clip import (
     train_expert_clip,
 )
 from medalign_platform.synthmed.generator import ensure_synthmed
+from medalign_platform.synthmed.tiny_teacher import tiny_teacher_config
 from medalign_platform.core.teacher import ExpertTeacher, load_teacher
 
 SHORT_STEPS = 20
@@ -46,6 +48,24 @@ def _manual_loss(image_emb, text_emb, scale, text_index):
         owners = (text_index == u).nonzero().flatten()
         t2i.append(-logits[:, u].log_softmax(0)[owners].mean())
     return (i2t.mean() + torch.stack(t2i).mean()) / 2
+
+
+def test_one_config_builder_gives_the_expert_and_the_tiny_teacher_configs():
+    # The configs both always had (stored in open_clip_config.json and so in every build).
+    assert tiny_teacher_config(**EXPERT_CLIP_ARCH) == {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32,
+                       "pos_embed_type": "sin_cos_2d"},
+        "text_cfg": {"context_length": EXPERT_CLIP_ARCH["context_length"], "vocab_size": 49408, "width": 64,
+                     "heads": 4, "layers": 2},
+    }
+    assert tiny_teacher_config() == {
+        "embed_dim": 64,
+        "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }
+    assert "pos_embed_type" not in tiny_teacher_config(timm_model_name="vit_tiny_patch16_224",
+                                                       pos_embed_type="sin_cos_2d")["vision_cfg"]
 
 
 def test_clip_loss_equals_open_clip_for_distinct_reports():

@@ -13,10 +13,9 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-from ..common.atomic import write_json_atomic
 from .compose import compose_config
+from .filesystems import StoragePath, join, normalize
 from .settings import RunSettings
 
 CONFIG_FILE = "config.json"    # the run's complete resolved config, in its folder
@@ -35,7 +34,7 @@ def resolve_run_settings(overrides: Sequence[str] = (), config: dict | None = No
     settings = RunSettings.from_config(config if config is not None else compose_config(overrides))
     run = settings.run
     run.name = run.name or default_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    run.log_dir = run.log_dir or str(settings.run_dir / "tensorboard")  # absolute: workers run elsewhere
+    run.log_dir = run.log_dir or join(settings.run_location, "tensorboard")  # absolute: workers run elsewhere
     settings.check_paths()
     return settings
 
@@ -44,6 +43,7 @@ def ensure_ray(settings: RunSettings) -> None:
     """Starts (or joins) Ray with worker env vars that keep the hub offline and imports working."""
     import ray
 
+    from .network import loopback_cluster
     from .ray_train import train_control_env, worker_env
 
     control = train_control_env(settings.ray)
@@ -53,8 +53,9 @@ def ensure_ray(settings: RunSettings) -> None:
         env_vars = {**worker_env(), **control}
         for key in _job_env_vars():  # a submitted job's own settings win, and Ray refuses to merge duplicates
             env_vars.pop(key, None)
-        ray.init(address=settings.ray.address, runtime_env={"env_vars": env_vars},
-                 log_to_driver=True, configure_logging=False)
+        with loopback_cluster(settings.ray.address):  # a cluster of our own serves nothing to other machines
+            ray.init(address=settings.ray.address, runtime_env={"env_vars": env_vars},
+                     log_to_driver=True, configure_logging=False)
 
 
 def _job_env_vars() -> dict:
@@ -96,9 +97,9 @@ def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None
     from .ray_train import build_trainer
 
     settings = settings or resolve_run_settings(overrides)
-    settings.run.output_dir = str(settings.run_dir.parent)  # absolute, for Ray's storage path and the records
-    run_dir = settings.run_dir
-    write_json_atomic(run_dir / CONFIG_FILE, settings.to_dict())
+    settings.run.output_dir = normalize(settings.run.output_dir)  # absolute, for Ray's storage path and the records
+    run_dir = StoragePath(settings.run_location)  # a local folder or a URI (s3://...)
+    (run_dir / CONFIG_FILE).write_json(settings.to_dict())
     cache = driver_prologue(settings, output_dir=settings.run.output_dir, setting="run.output_dir")
     result = build_trainer(settings).fit()
     if result.error is not None:
@@ -110,5 +111,5 @@ def train_run(overrides: Sequence[str] = (), settings: RunSettings | None = None
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float, str))},
         "target_cache": cache,
     }
-    write_json_atomic(run_dir / SUMMARY_FILE, summary)
+    (run_dir / SUMMARY_FILE).write_json(summary)
     return summary

@@ -11,16 +11,51 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 from .checkpoint import TRAINER_STATE, latest_checkpoint
+from .filesystems import StoragePath, is_uri, mirror, normalize, relocate
 
 EXPORT_FILE = "medalign.json"
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> Path:
-    """Copies the run's latest adapter, steer weights and predictions into ``out``."""
-    run_dir, out = Path(run_dir), Path(out)
+def export_run(run_dir: str | Path, out: str | Path) -> Path | str:
+    """Copies the run's latest adapter, steer weights and predictions into ``out``.
+
+    Either may be on remote storage (``s3://...``): a remote run folder is read from a local
+    mirror (``$MEDALIGN_CACHE/remote/...``, TensorBoard events left out), and a remote ``out``
+    is written locally first and then uploaded.
+
+    Returns:
+        ``out`` (a local ``Path``, or the URI as given).
+    """
+    if is_uri(run_dir) or is_uri(out):
+        return _export_remote(str(run_dir), str(out))
+    return _export_local(Path(run_dir), Path(out))
+
+
+def _export_remote(run_dir: str, out: str) -> Path | str:
+    source = StoragePath(run_dir)
+    if source.is_remote and not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{run_dir}/config.json missing: export needs the run's resolved config")
+    local_run = mirror(source, skip=lambda relative: relative.split("/")[0] == "tensorboard")
+
+    def export_to(folder: Path) -> Path:
+        exported = _export_local(local_run, folder)
+        info = json.loads((exported / EXPORT_FILE).read_text())  # name the remote checkpoint, not the mirror
+        (exported / EXPORT_FILE).write_text(json.dumps(relocate(info, local_run, source), indent=2))
+        return exported
+
+    if not is_uri(out):
+        return export_to(Path(out))
+    with tempfile.TemporaryDirectory(prefix="medalign-export-") as scratch:
+        StoragePath(out).upload(export_to(Path(scratch) / "export"), replace=True)
+    return normalize(out)
+
+
+def _export_local(run_dir: Path, out: Path) -> Path:
+    """:func:`export_run` between local folders."""
     checkpoint = latest_checkpoint(run_dir)
     config_file = run_dir / "config.json"
     if not config_file.is_file():

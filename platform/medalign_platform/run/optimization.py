@@ -47,17 +47,24 @@ def warmup_cosine_lr(step: int, total_steps: int, peak: float, warmup_steps: int
 
 
 def epoch_batches(num_items: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
-                  world_size: int = 1) -> list[list[int]]:
+                  world_size: int = 1, generator: torch.Generator | None = None) -> list[list[int]]:
     """This rank's micro-batches for one epoch: a seeded permutation, sharded by rank.
 
     Deterministic in ``(seed, epoch)``, so a resumed run replays exactly the batches the
     interrupted run would have seen. The epoch's ragged tail (fewer than one global batch)
     is dropped so every step has the same shape on every rank.
 
+    Args:
+        generator: draw the permutation from this generator (advancing it) instead of one
+            seeded from ``(seed, epoch)``. For loops that never resume (the SynthMed expert
+            CLIP): one generator seeded once and drawn epoch after epoch keeps the batch
+            order, and so the prepared weights, of builds made before this function existed.
+
     Raises:
         ValueError: fewer items than one global batch.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(num_items, generator=generator).tolist()
     usable = (num_items // (batch_size * world_size)) * batch_size * world_size
     if usable == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .filesystems import normalize
 from .settings import RaySettings, RunSettings
 
 POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -52,7 +53,7 @@ def build_trainer(settings: RunSettings, *, callbacks: list | None = None):
                                      resources_per_worker=dict(ray_cfg.resources_per_worker)),
         run_config=RunConfig(
             name=settings.run.name,
-            storage_path=str(Path(settings.run.output_dir).expanduser().resolve()),
+            storage_path=normalize(settings.run.output_dir),  # a local folder or a URI (s3://...)
             checkpoint_config=CheckpointConfig(num_to_keep=ray_cfg.num_to_keep,
                                                checkpoint_score_attribute=ray_cfg.checkpoint_score,
                                                checkpoint_score_order=ray_cfg.checkpoint_mode),

@@ -4,7 +4,8 @@ A Ray Train worker (:mod:`medalign_platform.run.ray_train`) and an inline sweep 
 (:mod:`medalign_platform.tune.trial`) both call :func:`run_in_process`. It gives the loop
 a scratch folder for checkpoints, the rank-0 TensorBoard logger, the test fault hook, and
 a ``report`` that deletes each reported checkpoint folder once the caller's own report
-(Ray Train's or Tune's, which persist it) has returned.
+(Ray Train's or Tune's, which persist it) has returned. A ``run.log_dir`` on remote storage
+(``s3://...``) is written in the scratch folder and uploaded after every checkpoint and at the end.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .filesystems import StoragePath
 from .loop import RunContext, run_training
 from .settings import RunSettings
 
@@ -58,23 +60,34 @@ def run_in_process(config: Mapping | RunSettings, report: Callable[[dict, Path |
     """
     settings = config if isinstance(config, RunSettings) else RunSettings.from_config(config)
     scratch = Path(tempfile.mkdtemp(prefix=f"medalign-rank{rank}-"))
+    logger = None
+    events = StoragePath(settings.run.log_dir) if settings.run.log_dir else None
+    remote_events = events is not None and events.is_remote
+
+    def push_events() -> None:
+        """Uploads the events written so far (remote log_dir only)."""
+        if logger is not None and remote_events:
+            logger.writer.flush()
+            events.upload(scratch / "tensorboard")
 
     def report_then_delete(metrics: dict, checkpoint_dir: Path | None) -> None:
         report(metrics, checkpoint_dir)
         if checkpoint_dir is not None:  # persisted by the caller's report
             shutil.rmtree(checkpoint_dir, ignore_errors=True)
+            push_events()
 
-    logger = None
     try:
         resume_from = resume(scratch) if resume is not None else None
         if rank == 0 and settings.tensorboard.enabled:
             from .tb_logger import RunLogger
 
-            logger = RunLogger(Path(settings.run.log_dir), settings.to_dict())
+            log_dir = scratch / "tensorboard" if remote_events else Path(settings.run.log_dir)
+            logger = RunLogger(log_dir, settings.to_dict())
         return run_training(settings, RunContext(
             report=report_then_delete, resume_from=resume_from, rank=rank, world_size=world_size, device=device,
             scratch_dir=scratch, logger=logger, after_step=kill_hook(rank)))
     finally:
         if logger is not None:
             logger.close()
+            push_events()
         shutil.rmtree(scratch, ignore_errors=True)

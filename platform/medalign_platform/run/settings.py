@@ -155,7 +155,8 @@ class OutputSettings(Settings):
     section: ClassVar[str] = "run"
 
     name: str | None = setting(None, "Run folder name under output_dir (default: run-<time>).")
-    output_dir: str = setting("runs", "Ray Train storage path; shared storage on a multi-node cluster.")
+    output_dir: str = setting("runs", "Ray Train storage path: a local folder (shared by every node of a multi-node "
+                                      "cluster) or a URI such as s3://bucket/prefix.")
     log_dir: str | None = setting(None, "TensorBoard folder (default: <output_dir>/<name>/tensorboard).")
 
 
@@ -203,8 +204,15 @@ class RunSettings:
 
     @property
     def run_dir(self) -> Path:
-        """``run.output_dir / run.name``, absolute."""
+        """``run.output_dir / run.name``, absolute (a local output_dir; see :attr:`run_location`)."""
         return Path(self.run.output_dir).expanduser().resolve() / str(self.run.name)
+
+    @property
+    def run_location(self) -> str:
+        """``run.output_dir / run.name``: an absolute local path, or a URI when output_dir is one."""
+        from .filesystems import join
+
+        return join(self.run.output_dir, str(self.run.name))
 
     def check_paths(self) -> None:
         """Checks what the config points at on disk; the distillation layer against the model's depth.

@@ -3,9 +3,9 @@
 Ray Train and Ray Tune write checkpoints and results straight to ``storage_path`` from
 whichever node a worker runs on; they do not copy files between nodes. So on a cluster
 with more than one node, ``run.output_dir`` / ``sweep.output_dir`` must be storage that
-every node mounts at the same path (NFS, Lustre, ...). (Ray also accepts cloud URIs as
-storage, but medalign resolves output dirs as local paths and keeps its SQLite study in
-the experiment folder, so a shared filesystem is what works today; a URI gets no warning.)
+every node mounts at the same path (NFS, Lustre, ...), or a URI of an object store that
+every node reaches (``s3://bucket/prefix``, :mod:`medalign_platform.run.filesystems`); a URI
+gets no warning.
 Inside a submitted Ray job a relative path resolves inside the job's copy of its
 working directory, which Ray unpacks under the session directory and may delete later.
 
@@ -21,6 +21,8 @@ import os
 import sys
 from pathlib import Path
 
+from .filesystems import is_uri  # noqa: F401 - also this module's public name
+
 logger = logging.getLogger(__name__)
 
 # Set by Ray's job supervisor in the environment of a submitted job's entrypoint.
@@ -34,12 +36,6 @@ SHARED_FS_TYPES = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "be
                    "fuse.glusterfs", "fuse.cephfs", "fuse.s3fs", "fuse.gcsfuse", "fuse.juicefs", "9p", "efs",
                    "fuse.sshfs", "fuse.mountpoint-s3", "fuse.blobfuse", "fuse.rclone", "wekafs", "panfs", "virtiofs")
 LOCAL_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm")
-
-
-def is_uri(path: str) -> bool:
-    """Whether ``path`` is a remote URI (``s3://``, ``gs://``, ...); ``file://`` counts as local."""
-    scheme, sep, _ = str(path).partition("://")
-    return bool(sep) and scheme.lower() != "file" and scheme.isidentifier()
 
 
 def _local_path(path: str) -> str:

@@ -14,9 +14,8 @@ minute on a laptop CPU:
    :mod:`medalign_platform.data.collate`, loss on the answer tokens only.
 3. It is saved with ``save_pretrained`` (model and processor), loads back through
    :func:`medalign_platform.core.student.load_student`, and ``training.json`` records the
-   settings, the loss and validation metrics (greedy answers via
-   :func:`medalign_platform.data.collate.generate_answers`, scored by
-   :func:`medalign_platform.data.metrics.vqa_metrics`).
+   settings, the loss and validation metrics (greedy answers scored by the run's
+   :func:`medalign_platform.run.evaluation.evaluate_items`, see :func:`validation_metrics`).
 
 Architecture (see :data:`DEFAULT_ARCHITECTURE`): SynthMed images are 64 px, so the image
 processor keeps them at **64 px** (no resampling, nothing lost) and the CLIP vision tower cuts
@@ -64,7 +63,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..common.atomic import move_into_place, replaceable
-from ..data.collate import PROMPT_TEMPLATE, StudentCollator, generate_answers
+from ..data.collate import PROMPT_TEMPLATE, StudentCollator
+from ..run.optimization import warmup_cosine_lr
 from .generator import SYNTHMED_WORDS, load_manifest
 
 __all__ = [
@@ -75,11 +75,11 @@ __all__ = [
     "answer_loss",
     "base_lvlm_words",
     "ensure_base_lvlm",
-    "evaluate_vqa",
     "init_small_width",
     "pretrain_base_lvlm",
     "select_eval_items",
     "training_batches",
+    "validation_metrics",
 ]
 
 #: Bump when the recipe (architecture, data, loop) changes so ensure_base_lvlm rebuilds.
@@ -170,33 +170,33 @@ def select_eval_items(dataset, num: int, answer_types=("closed", "open")) -> lis
     return [pool[i] for i in index]
 
 
-def evaluate_vqa(model, processor, items, *, batch_size: int = 32, max_new_tokens: int = 12) -> dict[str, Any]:
-    """Greedy answers to ``items`` (collator items) and their :func:`vqa_metrics`.
+def validation_metrics(model, processor, items, *, batch_size: int = 32, max_new_tokens: int = 12) -> dict[str, Any]:
+    """The run's evaluation (:func:`~medalign_platform.run.evaluation.evaluate_items`, no
+    tap) of greedy answers to ``items`` (collator items), plus three SynthMed diagnostics.
 
     Adds ``closed_yes_no_rate`` (share of closed answers whose normalised text is exactly
-    ``yes`` or ``no``), ``closed_accuracy_by_type`` and ``text_only_prior`` (the accuracy of
-    always giving the majority closed answer of these items).
+    ``yes`` or ``no``), ``text_only_prior`` (the accuracy of always giving the majority
+    closed answer of these items) and ``examples`` (the first 12 questions with reference
+    and prediction). Per question type closed accuracy is ``by_qtype/<type>/closed_accuracy``.
     """
-    from ..data.metrics import closed_correct, normalize_answer, vqa_metrics
+    from ..data.metrics import normalize_answer
+    from ..run.evaluation import evaluate_items
 
-    predictions = generate_answers(model, processor, items, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    records = [{"prediction": p, "reference": it["answer"], "answer_type": it["answer_type"]}
-               for p, it in zip(predictions, items)]
-    metrics: dict[str, Any] = dict(vqa_metrics(records))
+    kept: list[list[str]] = []
+    metrics: dict[str, Any] = evaluate_items(model, processor, None, items, batch_size=batch_size,
+                                             max_new_tokens=max_new_tokens,
+                                             on_predictions=lambda _items, predictions, _: kept.append(predictions))
+    predictions = kept[0]
     closed = [(p, it) for p, it in zip(predictions, items) if it["answer_type"] == "closed"]
     if closed:
         metrics["closed_yes_no_rate"] = sum(normalize_answer(p) in ("yes", "no") for p, _ in closed) / len(closed)
         yes = sum(normalize_answer(it["answer"]) == "yes" for _, it in closed) / len(closed)
         metrics["text_only_prior"] = max(yes, 1 - yes)
-        by_type: dict[str, list[bool]] = {}
-        for p, it in closed:
-            by_type.setdefault(str(it.get("question_type")), []).append(closed_correct(p, it["answer"]))
-        metrics["closed_accuracy_by_type"] = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
     metrics["examples"] = [
         {"question": it["question"], "reference": it["answer"], "prediction": p}
         for p, it in list(zip(predictions, items))[:12]
     ]
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    return metrics
 
 
 def init_small_width(model, seed: int, position_std: float = 1.0) -> None:
@@ -266,6 +266,12 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def training_batches(items, steps: int, batch_size: int, seed: int, group: int = 8) -> list[list[int]]:
     """``steps`` batches of item indices: shuffled epochs, reports batched together.
 
+    Not the run loop's :func:`~medalign_platform.run.optimization.epoch_batches`, whose
+    batches follow one epoch's permutation in order (resumable from ``(seed, epoch)``):
+    the grouping below reorders items inside each run of ``group`` batches, which the
+    pre-training's mix of one-word answers and ~30-token reports needs for speed, and this
+    builder never resumes. The order is part of the prepared weights.
+
     Length grouping (as in HF's ``group_by_length``): each run of ``group`` batches is
     drawn from the shuffled order, sorted so the ~30-token reports share batches instead of
     padding short VQA samples to their length (~7% faster), and the batches of the run are
@@ -286,14 +292,6 @@ def training_batches(items, steps: int, batch_size: int, seed: int, group: int =
         chunks = [run[i:i + batch_size] for i in range(0, len(run), batch_size)]
         batches.extend(chunks[j].tolist() for j in rng.permutation(len(chunks)))
     return batches
-
-
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 10% of ``lr``."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def _prepare_out_dir(out_dir: Path) -> Path:
@@ -389,7 +387,7 @@ def pretrain_base_lvlm(
             for step in bar:
                 batch, _ = collator([_as_item(train.items[i], images) for i in batches[step]])
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr_at(step, steps, lr, warmup_steps)
+                    group["lr"] = warmup_cosine_lr(step, steps, lr, warmup_steps, floor=0.1)
                 labels = batch.pop("labels")
                 loss = answer_loss(model(**batch).logits, labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -410,7 +408,7 @@ def pretrain_base_lvlm(
             if val_questions > 0:
                 eval_start = time.perf_counter()
                 eval_items = [_as_item(item, images) for item in select_eval_items(val, val_questions)]
-                metrics = evaluate_vqa(model, processor, eval_items)
+                metrics = validation_metrics(model, processor, eval_items)
                 eval_seconds = time.perf_counter() - eval_start
 
         manifest = load_manifest(data_dir)

@@ -15,7 +15,7 @@ copies. :func:`clip_loss` scores each image against the batch's *distinct* repor
 instead (one positive each), and each report against the images it describes (target
 uniform over them); with all-distinct reports it equals ``ClipLoss`` exactly.
 
-Defaults (``expert_clip_config``, ``DEFAULT_*``): vision ViT 64 px / patch 8 (8x8 grid),
+Defaults (:data:`EXPERT_CLIP_ARCH`, ``DEFAULT_*``): vision ViT 64 px / patch 8 (8x8 grid),
 width 64, 2 layers, 2 heads, fixed 2-D sin-cos positions; text width 64, 2 layers,
 4 heads, context 40; joint dim 64; AdamW lr 2e-3 (5% warm-up, cosine to 0), batch 96,
 520 steps (10 epochs of the 5000 train pairs), one torch thread. Measured on the
@@ -42,6 +42,7 @@ order):
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -62,12 +63,13 @@ from tqdm.auto import tqdm
 from ..data.conversations import read_mask
 from ..data.metrics import grounding_score, mean_grounding_score
 from ..core.teacher import ExpertTeacher, load_teacher
+from ..run.optimization import epoch_batches, warmup_cosine_lr
 from .tiny_teacher import _preprocess_cfg, tiny_teacher_config
 
 __all__ = [
     "clip_loss",
     "evaluate_expert_clip",
-    "expert_clip_config",
+    "EXPERT_CLIP_ARCH",
     "fit_expert_clip",
     "load_report_pairs",
     "save_expert_clip",
@@ -90,47 +92,24 @@ DEFAULT_LR = 2e-3
 # --------------------------------------------------------------------------- config
 
 
-def expert_clip_config(
-    *,
-    image_size: int = 64,
-    patch_size: int = 8,
-    width: int = 64,
-    layers: int = 2,
-    heads: int = 2,
-    embed_dim: int = 64,
-    text_width: int = 64,
-    text_layers: int = 2,
-    text_heads: int = 4,
-    pos_embed_type: str = "sin_cos_2d",
-) -> dict:
-    """Returns the open_clip ``model_cfg`` of the expert CLIP.
-
-    The vision tower is ``tiny_teacher_config``'s native ViT (CLS pooling, as the teacher
-    targets need); the text tower uses open_clip's default BPE tokenizer (vocabulary
-    49408) with a context long enough for every SynthMed report.
-
-    Two choices matter for learning *where* a lesion is (every report names its
-    quadrant) within a few hundred steps; both were measured at 300 steps:
-
-    * ``text_heads=4`` (head width 16): with 2 heads the text embeddings of reports that
-      differ only in the quadrant stayed at cosine 0.995 and the top-1 report had the
-      right quadrant for 31-44% of one-lesion images (chance 25%); with 4 heads, 100%.
-    * ``pos_embed_type="sin_cos_2d"`` (open_clip's fixed 2-D sin-cos table, unit scale):
-      the learnable table starts at ``width**-0.5`` scale, far below the patch content,
-      and quadrant accuracy stayed at 38% even with 4 text heads.
-
-    Args:
-        image_size, patch_size, width, layers, heads, embed_dim: see
-            ``tiny_teacher_config``; the patch grid is ``image_size // patch_size``.
-        text_width, text_layers, text_heads: text transformer size.
-        pos_embed_type: ``"sin_cos_2d"`` or ``"learnable"`` (vision tower).
-    """
-    cfg = tiny_teacher_config(image_size=image_size, patch_size=patch_size, width=width,
-                              layers=layers, heads=heads, embed_dim=embed_dim)
-    cfg["vision_cfg"]["pos_embed_type"] = pos_embed_type
-    cfg["text_cfg"] = {"context_length": _CONTEXT_LENGTH, "vocab_size": 49408,
-                       "width": text_width, "heads": text_heads, "layers": text_layers}
-    return cfg
+#: :func:`~medalign_platform.synthmed.tiny_teacher.tiny_teacher_config` arguments of the
+#: expert CLIP: the vision tower is the tiny teacher's native ViT (CLS pooling, as the
+#: teacher targets need) at 64 px / patch 8 (8x8 grid), width 64, 2 layers, 2 heads; the
+#: text tower is larger than the tiny teacher's, with a context long enough for every
+#: SynthMed report. Two choices matter for learning *where* a lesion is (every report
+#: names its quadrant) within a few hundred steps; both were measured at 300 steps:
+#:
+#: * ``text_heads=4`` (head width 16): with 2 heads the text embeddings of reports that
+#:   differ only in the quadrant stayed at cosine 0.995 and the top-1 report had the
+#:   right quadrant for 31-44% of one-lesion images (chance 25%); with 4 heads, 100%.
+#: * ``pos_embed_type="sin_cos_2d"`` (open_clip's fixed 2-D sin-cos table, unit scale):
+#:   the learnable table starts at ``width**-0.5`` scale, far below the patch content,
+#:   and quadrant accuracy stayed at 38% even with 4 text heads.
+EXPERT_CLIP_ARCH: dict = {
+    "image_size": 64, "patch_size": 8, "width": 64, "layers": 2, "heads": 2, "embed_dim": 64,
+    "pos_embed_type": "sin_cos_2d",
+    "context_length": _CONTEXT_LENGTH, "text_width": 64, "text_layers": 2, "text_heads": 4,
+}
 
 
 def _new_model(model_cfg: dict, seed: int) -> open_clip.CLIP:
@@ -222,23 +201,18 @@ def clip_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
     return (image_to_text + text_to_image) / 2
 
 
-def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up then cosine decay to 0."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return 0.5 * lr * (1.0 + math.cos(math.pi * progress))
-
-
 def _batches(n: int, batch_size: int, steps: int, seed: int):
-    """Yields ``steps`` index tensors ``[batch_size]``: seeded reshuffle each epoch."""
-    gen = torch.Generator().manual_seed(seed)
-    order, pos = torch.randperm(n, generator=gen), 0
-    for _ in range(steps):
-        if pos + batch_size > n:  # drop the epoch's ragged tail: fixed batch shape
-            order, pos = torch.randperm(n, generator=gen), 0
-        yield order[pos:pos + batch_size]
-        pos += batch_size
+    """Yields ``steps`` index lists ``[batch_size]``: the run loop's epoch orderer
+    (:func:`~medalign_platform.run.optimization.epoch_batches`, seeded permutation, ragged
+    tail dropped), drawn epoch after epoch from one generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    yielded = 0
+    for epoch in itertools.count():
+        for batch in epoch_batches(n, batch_size, seed, epoch, generator=generator):
+            if yielded == steps:
+                return
+            yield batch
+            yielded += 1
 
 
 def _train_data(data_dir: str | Path, transform) -> tuple[Tensor, Tensor, Tensor]:
@@ -272,7 +246,7 @@ def _train_loop(model: open_clip.CLIP, pixels: Tensor, tokens: Tensor, report_id
     model.train()
     for step, idx in enumerate(bar):
         for group in opt.param_groups:
-            group["lr"] = _lr_at(step, steps, lr, warmup)
+            group["lr"] = warmup_cosine_lr(step, steps, lr, warmup)
         batch_reports, text_index = torch.unique(report_ids[idx], return_inverse=True)
         image_emb = model.encode_image(pixels[idx], normalize=True)  # [B, E]
         text_emb = model.encode_text(tokens[batch_reports], normalize=True)  # [U, E]
@@ -310,7 +284,8 @@ def fit_expert_clip(
         steps: optimiser steps of ``batch_size`` pairs each.
         batch_size: images per step (the text side sees the batch's distinct reports).
         lr: peak AdamW learning rate (warm-up over 5% of the steps, cosine to 0).
-        model_cfg: open_clip ``model_cfg``; default ``expert_clip_config()``.
+        model_cfg: open_clip ``model_cfg``; default
+            ``tiny_teacher_config(**EXPERT_CLIP_ARCH)``.
         num_threads: torch intra-op threads while training (restored afterwards);
             ``None`` keeps the current setting. 1 by default: the matmuls here are
             small, and on a shared 2-core machine two OpenMP threads spin-wait on each
@@ -322,7 +297,7 @@ def fit_expert_clip(
         ``(model, info)``: the trained model in eval mode and a JSON-able dict (config,
         hyper-parameters, initial/final loss, timings).
     """
-    model_cfg = model_cfg or expert_clip_config()
+    model_cfg = model_cfg or tiny_teacher_config(**EXPERT_CLIP_ARCH)
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(num_threads)

@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 __all__ = ["tiny_teacher", "tiny_teacher_checkpoint", "tiny_teacher_config"]
 
 # The default open_clip BPE tokenizer ships with the package, so the text tower only
-# needs its vocabulary size; a short context keeps the text forward cheap.
+# needs its vocabulary size; a short context keeps the text forward cheap (defaults of
+# tiny_teacher_config's text arguments).
 _TEXT_CFG = {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -40,8 +41,18 @@ def tiny_teacher_config(
     heads: int = 2,
     embed_dim: int = 64,
     timm_model_name: str | None = None,
+    pos_embed_type: str | None = None,
+    context_length: int = _TEXT_CFG["context_length"],
+    text_width: int = _TEXT_CFG["width"],
+    text_layers: int = _TEXT_CFG["layers"],
+    text_heads: int = _TEXT_CFG["heads"],
 ) -> dict:
     """Returns an open_clip ``model_cfg`` dict for a tiny CLIP.
+
+    The one builder of tiny open_clip configs: the random teachers here and the trained
+    SynthMed expert CLIP (:data:`~medalign_platform.synthmed.expert_clip.EXPERT_CLIP_ARCH`)
+    both come from it. The text tower uses open_clip's default BPE tokenizer (vocabulary
+    49408), so only its size is set here.
 
     Args:
         image_size: Input side S in pixels; the patch grid is ``S // patch_size``.
@@ -53,7 +64,12 @@ def tiny_teacher_config(
         timm_model_name: If set, a BiomedCLIP-style timm vision tower
             (``TimmModel``, CLS-token pooling, linear projection, random init) replaces
             the native open_clip ``VisionTransformer``; the ``patch_size``/``width``/
-            ``layers``/``heads`` arguments are then ignored (the timm name fixes them).
+            ``layers``/``heads``/``pos_embed_type`` arguments are then ignored (the timm
+            name fixes them).
+        pos_embed_type: the native tower's position table, ``"learnable"`` or
+            ``"sin_cos_2d"``; None leaves open_clip's default (learnable) and the key unset.
+        context_length, text_width, text_layers, text_heads: text transformer size; the
+            defaults keep the text forward cheap for tests (16 tokens, width 32, 1 layer).
     """
     if timm_model_name is not None:
         vision_cfg = {
@@ -74,7 +90,11 @@ def tiny_teacher_config(
             # open_clip derives the head count as width // head_width.
             "head_width": width // heads,
         }
-    return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": dict(_TEXT_CFG)}
+        if pos_embed_type is not None:
+            vision_cfg["pos_embed_type"] = pos_embed_type
+    text_cfg = {"context_length": context_length, "vocab_size": _TEXT_CFG["vocab_size"],
+                "width": text_width, "heads": text_heads, "layers": text_layers}
+    return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "text_cfg": text_cfg}
 
 
 def _preprocess_cfg(image_size: int) -> dict:

@@ -36,6 +36,7 @@ from ..common.atomic import write_json_atomic
 from ..common.errors import ConfigError
 from ..common.overrides import as_tree, parse_overrides, split_overrides, texts
 from ..common.settings import Settings, setting
+from ..run.filesystems import is_uri
 from .ablation_report import ABLATION_DIR, LAYER_KEY, SEED_KEY, SPEC_FILE, cell_text, summarize_ablation
 from .layout import SWEEP_SPEC_FILE
 from .settings import SweepOptions, SweepRequest
@@ -210,8 +211,12 @@ def plan_ablation(request: AblationRequest) -> AblationPlan:
     from .driver import prepare_sweep
     from .search_space import parse_search_space
 
-    base = resolve_run_settings(request.config_overrides, default_name="ablation")
     given = AblationOptions.from_dict(request.options)
+    if is_uri(given.output_dir):  # its grid file and report are local files for now
+        raise ConfigError(f"ablation.output_dir={given.output_dir}: medalign ablate-layers needs a local folder (on a "
+                          f"multi-node cluster, a shared filesystem such as NFS); object-store URIs work for "
+                          f"medalign sweep and train")
+    base = resolve_run_settings(request.config_overrides, default_name="ablation")
     name = given.name or f"{base.run.name}-ablate-layers"
     experiment_dir = Path(given.output_dir).expanduser().resolve() / name
     if (experiment_dir / SWEEP_SPEC_FILE).is_file() and not request.resume:

@@ -42,7 +42,10 @@ from typing import ClassVar
 from ..common.errors import ConfigError, MedAlignError
 from ..common.overrides import as_tree, parse_overrides
 from ..common.settings import Settings, setting
-from .layout import STUDY_FILE, SWEEP_SPEC_FILE
+from ..run.filesystems import StoragePath, is_uri, mirror
+from ..run.network import exposure_warning, local_url, public_url
+from .layout import SWEEP_SPEC_FILE, study_storage
+from .study_storage import SQLITE_FILE
 
 EVENT_PREFIX = "events.out.tfevents."
 OPTUNA_HINT = "pip install optuna-dashboard   (or: pip install 'medalign-platform[dashboard]')"
@@ -81,9 +84,10 @@ class Server:
     name: str
     process: subprocess.Popen
     port: int
-    url: str
+    url: str                # what the user opens (the machine's address when bound to every interface)
     log: Path
     note: str = ""
+    poll_url: str = ""      # what this command polls (loopback for a wildcard bind); default: url
 
 
 # --------------------------------------------------------------------------- settings and paths
@@ -132,7 +136,7 @@ def has_events(folder: Path, max_depth: int = MAX_LOGDIR_DEPTH) -> bool:
     return False
 
 
-def _build_sweep_tensorboard(exp_dir: Path) -> None:
+def _build_sweep_tensorboard(exp_dir: Path | str) -> None:
     """Lets ``results.write_results`` (re)build ``EXP_DIR/tensorboard`` for a sweep, if it exists.
 
     Optional on purpose: without it TensorBoard reads the trials' folders directly.
@@ -144,8 +148,34 @@ def _build_sweep_tensorboard(exp_dir: Path) -> None:
     try:
         write_results(exp_dir)
     except Exception as error:  # noqa: BLE001 - the dashboard still works from the trial folders
-        print(f"medalign dashboard: could not build {exp_dir / 'tensorboard'} ({type(error).__name__}: {error}); "
+        print(f"medalign dashboard: could not build {exp_dir}/tensorboard ({type(error).__name__}: {error}); "
               "showing the trial folders instead", file=sys.stderr)
+
+
+def _remote_folder(uri: str):
+    """A remote sweep or run folder: its local mirror and the callable that refreshes it.
+
+    A sweep is mirrored (and its results and sweep-level TensorBoard rebuilt and uploaded) by
+    ``write_results``; a ``medalign train`` run folder is mirrored without its checkpoints.
+
+    Raises:
+        DashboardError: nothing at that location.
+    """
+    location = StoragePath(uri)
+    if (location / SWEEP_SPEC_FILE).is_file():
+        from .layout import mirror_experiment
+
+        # write_results mirrors it again (incrementally) and uploads what it builds
+        return mirror_experiment(location), lambda: _build_sweep_tensorboard(uri)
+    if not location.is_dir():
+        raise DashboardError(f"{uri}: nothing there (no sweep.json, no run folder)")
+    return mirror(location, skip=_is_checkpoint), lambda: mirror(location, skip=_is_checkpoint)
+
+
+def _is_checkpoint(relative: str) -> bool:
+    """Files of a run folder that its dashboard does not need: the checkpoints (its
+    ``tensorboard/`` is what TensorBoard shows)."""
+    return any(part.startswith("checkpoint_") for part in relative.split("/"))
 
 
 def find_logdir(exp_dir: Path) -> Path:
@@ -215,9 +245,14 @@ def _spawn(command: list[str], log: Path, *, tied: bool) -> subprocess.Popen:
 
 
 def _url(host: str, port: int) -> str:
-    """The URL to open (and to poll): a wildcard host is reached through loopback."""
-    shown = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
-    return f"http://[{shown}]:{port}/" if ":" in shown else f"http://{shown}:{port}/"
+    """The URL to open: a wildcard bind is shown with this machine's address (where it is reachable
+    from elsewhere, which is what binding every interface is for)."""
+    return public_url(host, port)
+
+
+def _poll_url(host: str, port: int) -> str:
+    """The URL this command polls: a wildcard bind answers on loopback too."""
+    return local_url(host, port)
 
 
 def _answers(url: str) -> bool:
@@ -236,7 +271,7 @@ def wait_until_answering(server: Server, deadline: float) -> str | None:
     while True:
         if server.process.poll() is not None:
             return f"exited with code {server.process.returncode}"
-        if _answers(server.url):
+        if _answers(server.poll_url or server.url):
             return None
         if time.monotonic() > deadline:
             return "did not answer in time"
@@ -294,7 +329,7 @@ def start_tensorboard(logdir: Path, settings: dict, taken: set[int], logs: Path,
         command = [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", host,
                    "--port", str(port)]
         server = Server("TensorBoard", _spawn(command, log, tied=tied), port, _url(host, port), log,
-                        note=f"logdir {logdir}")
+                        note=f"logdir {logdir}", poll_url=_poll_url(host, port))
         try:
             problem = wait_until_answering(server, deadline)
         except BaseException:  # Ctrl-C / SIGTERM while it starts: do not leave it behind
@@ -326,8 +361,9 @@ def optuna_dashboard_command() -> list[str] | None:
     return [sys.executable, "-c", entry]
 
 
-def start_optuna_dashboard(study: Path, settings: dict, taken: set[int], logs: Path, tied: bool) -> Server | None:
-    """Starts optuna-dashboard on the SQLite study, or returns None if the package is missing."""
+def start_optuna_dashboard(study: str, settings: dict, taken: set[int], logs: Path, tied: bool) -> Server | None:
+    """Starts optuna-dashboard on the study (an RDB URL or a journal file path), or returns None
+    if the package is missing."""
     command = optuna_dashboard_command()
     if command is None:
         return None
@@ -335,9 +371,10 @@ def start_optuna_dashboard(study: Path, settings: dict, taken: set[int], logs: P
     port = choose_port(host, settings["optuna_port"], taken, "optuna-dashboard")
     taken.add(port)
     log = logs / "optuna-dashboard.log"
-    storage = f"sqlite:///{study}"
+    storage = study
     process = _spawn([*command, storage, "--host", host, "--port", str(port)], log, tied=tied)
-    server = Server("optuna-dashboard", process, port, _url(host, port), log, note=f"study {storage}")
+    server = Server("optuna-dashboard", process, port, _url(host, port), log, note=f"study {storage}",
+                    poll_url=_poll_url(host, port))
     try:
         problem = wait_until_answering(server, time.monotonic() + float(settings["timeout"]))
     except BaseException:
@@ -347,6 +384,21 @@ def start_optuna_dashboard(study: Path, settings: dict, taken: set[int], logs: P
         stop([server])
         server.note = f"failed: it {problem}: {_log_tail(log, 3)}"
     return server
+
+
+def _study_argument(exp_dir: Path) -> str | None:
+    """What optuna-dashboard takes for the sweep's study (``sweep.storage``): a database URL, a
+    SQLite URL or a journal file path; None when the folder has no study (a train run, or a
+    file study not written yet)."""
+    if not (exp_dir / SWEEP_SPEC_FILE).is_file():  # not a sweep: a bare optuna.db is still offered
+        return f"sqlite:///{exp_dir / SQLITE_FILE}" if (exp_dir / SQLITE_FILE).is_file() else None
+    try:
+        storage = study_storage(exp_dir)
+    except (ConfigError, ValueError, OSError):
+        return None
+    if storage.kind != "rdb" and not Path(storage.target).is_file():
+        return None
+    return storage.url
 
 
 def start_ray_probe(logs: Path) -> subprocess.Popen:
@@ -454,9 +506,9 @@ def start_servers(exp_dir: Path, logdir: Path, settings: dict, logs: Path,
         tensorboard = start_tensorboard(logdir, settings, taken, logs, tied)
         servers.append(tensorboard)
         rows = [("TensorBoard", f"{tensorboard.url}   ({tensorboard.note})")]
-        study = exp_dir / STUDY_FILE
-        if not study.is_file():
-            rows.append(("optuna-dashboard", f"no {STUDY_FILE} in {exp_dir} (only sweeps have an Optuna study)"))
+        study = _study_argument(exp_dir)
+        if study is None:
+            rows.append(("optuna-dashboard", f"no Optuna study in {exp_dir} (only sweeps have one)"))
         else:
             optuna = start_optuna_dashboard(study, settings, taken, logs, tied)
             if optuna is None:
@@ -491,15 +543,23 @@ def dashboard_command(path: str, overrides: list[str]) -> int:
     """
     try:
         settings = parse_settings(list(overrides))
-        exp_dir = Path(path).expanduser().resolve()
-        if not exp_dir.is_dir():
-            raise DashboardError(f"{path}: no such directory" if not exp_dir.exists() else f"{path}: not a directory")
-        if (exp_dir / SWEEP_SPEC_FILE).is_file():
-            _build_sweep_tensorboard(exp_dir)
+        if is_uri(path):  # remote storage: served from a local mirror, refreshed by `refresh`
+            exp_dir, rebuild = _remote_folder(path)
+        else:
+            exp_dir = Path(path).expanduser().resolve()
+            if not exp_dir.is_dir():
+                raise DashboardError(f"{path}: no such directory" if not exp_dir.exists()
+                                     else f"{path}: not a directory")
+            rebuild = (lambda: _build_sweep_tensorboard(exp_dir)) if (exp_dir / SWEEP_SPEC_FILE).is_file() else None
+        if rebuild is not None:
+            rebuild()
         logdir = find_logdir(exp_dir)
     except (DashboardError, ConfigError) as error:
         print(f"medalign dashboard: {error}", file=sys.stderr)
         return 2
+    warning = exposure_warning(settings["host"])
+    if warning:
+        print(f"medalign dashboard: WARNING: {warning}", file=sys.stderr, flush=True)
     logs = Path(tempfile.mkdtemp(prefix="medalign-dashboard-"))
     servers: list[Server] = []
     # SIGTERM behaves like Ctrl-C from here on, so every exit path goes through the cleanup.
@@ -514,7 +574,7 @@ def dashboard_command(path: str, overrides: list[str]) -> int:
                   f"stop them with: kill {' '.join(str(s.process.pid) for s in servers)}", flush=True)
             return 0
         sweep_level = (exp_dir / SWEEP_SPEC_FILE).is_file() and logdir == exp_dir / "tensorboard"
-        return wait_in_foreground(servers, (lambda: _build_sweep_tensorboard(exp_dir)) if sweep_level else None,
+        return wait_in_foreground(servers, rebuild if sweep_level or is_uri(path) else None,
                                   float(settings["refresh"]))
     except DashboardError as error:
         print(f"medalign dashboard: {error}", file=sys.stderr)

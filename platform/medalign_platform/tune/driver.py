@@ -8,7 +8,12 @@
   and the model, and the sweep options resolved into a plan.
 * Search: Optuna (``OptunaSearch``) with TPE (default), random, CMA-ES, NSGA-II or a grid
   sampler, seeded by ``sweep.seed``; seed points from the space's ``points_to_evaluate``
-  run first. The study lives in ``EXP_DIR/optuna.db`` (SQLite, study name = sweep name).
+  run first. The study (study name = sweep name) lives where ``sweep.storage`` says: by
+  default ``EXP_DIR/optuna.db`` (SQLite), else a journal file or a database such as
+  PostgreSQL (:mod:`.study_storage`).
+* Storage: ``sweep.output_dir`` is a local folder or a URI (``s3://bucket/prefix``); the
+  driver and the trials write the experiment folder through
+  :mod:`medalign_platform.run.filesystems`, Tune persists its state and checkpoints there.
 * Early stopping: ASHA on the training step (``time_attr="step"``); multi-objective sweeps
   (``sweep.metrics=[a,b]``) run without it.
 * Resources: ``sweep.trial_resources`` per trial worker. With Ray Train trials the workers
@@ -26,13 +31,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
-from ..common.atomic import write_json_atomic
 from ..common.errors import ConfigError
 from ..common.keys import tune_key
-from .layout import SUMMARY_FILE, SWEEP_SPEC_FILE, load_spec, trial_dirname
+from ..run.filesystems import StoragePath
+from .layout import SUMMARY_FILE, SWEEP_SPEC_FILE, check_private, load_spec, trial_dirname
 from .search_space import SearchSpace, load_search_space
 from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan
+from .study_storage import StudyUploader, connect, resolve_storage, study_file_name
 from .trial import sweep_trial, trial_base_config
 
 logger = logging.getLogger(__name__)
@@ -107,24 +114,26 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
     started = time.time()
     plan, space, base = prepared or prepare_sweep(request)
     base_config = base.to_dict()
-    experiment_dir = plan.experiment_dir
-    restorable = tune.Tuner.can_restore(str(experiment_dir))
+    location = StoragePath(plan.experiment_location)
+    restorable = tune.Tuner.can_restore(str(location))
     if restorable and not plan.resume:
-        raise ConfigError(f"{experiment_dir} already holds sweep {plan.name!r}: pass resume=true to continue it, "
+        raise ConfigError(f"{location} already holds sweep {plan.name!r}: pass resume=true to continue it, "
                           f"or a new sweep.name")
     if plan.resume and restorable:
-        spec = load_spec(experiment_dir)
+        check_private(str(location))  # resume unpickles Tune's state files from this folder
+        spec = load_spec(location)
         if spec["search_space"] != space.to_dict() or spec["config_overrides"] != plan.config_overrides:
             logger.warning("resume: continuing %s with its recorded search space and config; the search space "
-                           "file or overrides given now differ and are ignored", experiment_dir)
+                           "file or overrides given now differ and are ignored", location)
         recorded = spec["settings"]
         for key in ("resume_errored", "restart_errored", "verbose"):
             recorded[key] = getattr(plan, key)
         plan = SweepPlan(**{**recorded, "resume": True})
         base_config = spec["base_config"]
-    else:
-        experiment_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(experiment_dir / SWEEP_SPEC_FILE, {
+    study = open_study(plan, location)  # before Ray starts: a database that is down fails here
+    if not (plan.resume and restorable):
+        location.mkdir(private=True)
+        (location / SWEEP_SPEC_FILE).write_json({
             "settings": plan.to_dict(), "base_config": base_config, "search_space": space.to_dict(),
             "search_file": space.source, "config_overrides": plan.config_overrides,
         })
@@ -146,17 +155,63 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
     # checkpoint committed) after the last save is unknown to `resume=true` after a driver
     # kill, and its work is redone by a fresh trial. Saving is cheap at sweep scale.
     os.environ.setdefault(TUNE_STATE_PERIOD_ENV, TUNE_STATE_PERIOD_S)
+    uploader = _study_uploader(study, location)
     if plan.resume and restorable:
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=_trainable(plan), resume_unfinished=True,
+        tuner = tune.Tuner.restore(str(location), trainable=_trainable(plan), resume_unfinished=True,
                                    resume_errored=plan.resume_errored, restart_errored=plan.restart_errored)
     else:
         tuner = _tuner(plan, space, base_config, concurrency)
-    tuner.fit()
-    summary = summarize(experiment_dir, wall_s=time.time() - started, close_orphans=True)
+    try:
+        tuner.fit()
+    finally:
+        if uploader is not None:
+            uploader.stop()
+    summary = summarize(location, wall_s=time.time() - started, close_orphans=True, study=study)
+    if uploader is not None:
+        uploader.upload()  # close_orphans may have changed it
+        summary["study"]["storage"] = str(uploader.remote)
     summary["resumed"] = bool(plan.resume and restorable)
     summary["target_cache"] = target_cache
-    write_json_atomic(experiment_dir / SUMMARY_FILE, summary)
+    (location / SUMMARY_FILE).write_json(summary)
     return {k: v for k, v in summary.items() if k != "records"}
+
+
+def open_study(plan: SweepPlan, location: StoragePath):
+    """The sweep's study storage (``sweep.storage``), checked by opening it once.
+
+    A file study of a remote experiment lives in the driver's :attr:`SweepPlan.study_dir`;
+    it starts from the experiment folder's copy when that one is newer (a resume elsewhere).
+
+    Raises:
+        ConfigError: the storage cannot be opened (naming ``sweep.storage`` and the fix).
+    """
+    storage = resolve_storage(plan.storage, plan.study_dir)
+    name = study_file_name(storage)
+    if location.is_remote and name is not None:
+        local, remote = Path(storage.target), location / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(local.parent, 0o700)
+        remote_mtime = _remote_mtime(remote)
+        if remote_mtime is not None and (not local.is_file() or local.stat().st_mtime < remote_mtime):
+            local.write_bytes(remote.read_bytes())
+    connect(storage)
+    return storage
+
+
+def _remote_mtime(place: StoragePath) -> float | None:
+    info = place.fs.get_file_info(place.path)
+    if not info.is_file:
+        return None
+    return info.mtime.timestamp() if info.mtime is not None else 0.0
+
+
+def _study_uploader(storage, location: StoragePath):
+    """The started :class:`StudyUploader` that copies a remote experiment's file study into it
+    while the sweep runs (None for a local experiment or a database study)."""
+    name = study_file_name(storage)
+    if not location.is_remote or name is None:
+        return None
+    return StudyUploader(Path(storage.target), location / name).start()
 
 
 # --------------------------------------------------------------------------- Tune and Optuna
@@ -209,10 +264,9 @@ def sampler(plan: SweepPlan, space: SearchSpace):
 
 
 def study_storage(plan: SweepPlan):
-    """The study's RDB storage (SQLite, with a generous lock timeout for concurrent trials)."""
-    import optuna
-
-    return optuna.storages.RDBStorage(plan.storage_url, engine_kwargs={"connect_args": {"timeout": 60}})
+    """The study's Optuna storage (``sweep.storage``: SQLite with a generous lock timeout for
+    concurrent readers by default; a journal file; or a database such as PostgreSQL)."""
+    return resolve_storage(plan.storage, plan.study_dir).open()
 
 
 def _new_points(plan: SweepPlan, points: list[dict]) -> list[dict]:

@@ -15,14 +15,22 @@
         results/              medalign status: leaderboard, best_experiment.yaml, importances, history
         tensorboard/          medalign status: one HParams run per trial
         ablation/             medalign ablate-layers: the grid, its table, plot and TensorBoard
+
+The folder may be on remote storage (``sweep.output_dir=s3://bucket/prefix``): the driver and
+the trials write it through :mod:`medalign_platform.run.filesystems`, and readers work on a
+local mirror of its records (:func:`mirror_experiment`; checkpoints are not copied).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 from ..common.errors import ConfigError
+from ..run.filesystems import StoragePath, is_uri, mirror
+from .study_storage import StudyStorage, resolve_storage
 
 SWEEP_SPEC_FILE = "sweep.json"
 SUMMARY_FILE = "summary.json"
@@ -44,21 +52,84 @@ def trial_folder(experiment_dir: str | Path, trial_id: str) -> Path:
     return Path(experiment_dir) / f"trial_{trial_id}"
 
 
+def trial_location(experiment: str | Path | StoragePath, trial_id: str) -> StoragePath:
+    """:func:`trial_folder` for an experiment on local or remote storage."""
+    return StoragePath(experiment) / f"trial_{trial_id}"
+
+
 def study_url(experiment_dir: str | Path) -> str:
     """The SQLite URL of the sweep's Optuna study, at the folder's own path (a moved folder works)."""
     return f"sqlite:///{Path(experiment_dir).resolve() / STUDY_FILE}"
 
 
-def load_spec(experiment_dir: str | Path) -> dict:
-    """The recorded ``sweep.json``.
+def study_storage(experiment_dir: str | Path, spec: dict | None = None) -> StudyStorage:
+    """The Optuna study of a local sweep folder (or mirror): its recorded ``sweep.storage``, with a
+    file study looked up beside ``sweep.json`` (a moved or mirrored folder keeps its study)."""
+    spec = spec if spec is not None else load_spec(experiment_dir)
+    return resolve_storage(spec["settings"].get("storage"), experiment_dir)
+
+
+def load_spec(experiment_dir: str | Path | StoragePath) -> dict:
+    """The recorded ``sweep.json`` (of a local folder or a remote location).
 
     Raises:
         ConfigError: the folder is not a sweep experiment folder.
     """
-    path = Path(experiment_dir) / SWEEP_SPEC_FILE
-    if not path.is_file():
-        raise ConfigError(f"{experiment_dir} has no {SWEEP_SPEC_FILE}: not a sweep experiment folder")
-    return json.loads(path.read_text())
+    path = StoragePath(experiment_dir) / SWEEP_SPEC_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{experiment_dir} has no {SWEEP_SPEC_FILE}: not a sweep experiment folder") from None
+
+
+def skip_when_mirroring(relative: str) -> bool:
+    """Files a reader of a remote experiment does not fetch: checkpoints (large, and read only by
+    resume), and the ``results/`` and ``tensorboard/`` folders that ``medalign status`` rebuilds."""
+    parts = relative.split("/")
+    return parts[0] in ("results", "tensorboard") or any(p.startswith("checkpoint_") for p in parts)
+
+
+def mirror_experiment(location: str | StoragePath) -> Path:
+    """A local, up-to-date copy of a remote sweep folder's records (see :func:`skip_when_mirroring`).
+
+    Raises:
+        ConfigError: the location holds no ``sweep.json``.
+    """
+    place = StoragePath(location)
+    if not (place / SWEEP_SPEC_FILE).is_file():
+        hint = ""
+        inside = sorted(p.name for p in place.iterdir() if (p / SWEEP_SPEC_FILE).is_file())
+        if inside:
+            hint = f"; it holds the sweeps {inside}: pass one of them, e.g. {place / inside[0]}"
+        raise ConfigError(f"{place} is not a sweep folder (no {SWEEP_SPEC_FILE}){hint}")
+    return mirror(place, skip=skip_when_mirroring)
+
+
+def make_private(folder: Path) -> None:
+    """Mode 0700 on a local experiment folder: ``resume=true`` unpickles Tune's state files in it,
+    so whoever may write there could run code as the user who resumes."""
+    os.chmod(folder, 0o700)
+
+
+def check_private(folder: str | Path) -> None:
+    """Refuses to resume from a local experiment folder that other users may write to.
+
+    Tune's experiment state (``tuner.pkl``, ``searcher-state-*.pkl``, ...) is unpickled on
+    resume: a file someone else could replace would run their code as you.
+
+    Raises:
+        ConfigError: the folder (or a state file in it) is group/world-writable or not yours.
+    """
+    if is_uri(folder):
+        return
+    root = Path(folder)
+    for path in [root, *sorted(root.glob("*.pkl")), *sorted(root.glob("experiment_state-*.json"))]:
+        info = path.stat()
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
+            raise ConfigError(
+                f"resume=true refused: {path} can be written by other users (mode {stat.filemode(info.st_mode)}, "
+                f"owner uid {info.st_uid}); resuming unpickles Tune's state files, which would run code they "
+                f"wrote. Check the folder, then `chmod -R go-w {root}` (medalign creates it with mode 0700)")
 
 
 def check_experiment_dir(path: str | Path) -> Path:
@@ -67,7 +138,15 @@ def check_experiment_dir(path: str | Path) -> Path:
     Raises:
         ConfigError: the path does not exist, is not a sweep folder (no ``sweep.json``), or
             the sweep has not saved Tune's experiment state yet.
+
+    A remote folder (``s3://...``) is checked there and mirrored: the local mirror is returned.
     """
+    if is_uri(path):
+        folder = mirror_experiment(path)
+        if not any(folder.glob("experiment_state-*.json")):
+            raise ConfigError(f"{path}: the sweep has not saved Ray Tune's experiment state yet (it is still "
+                              f"starting); run `medalign status {path}` again once its first trial runs")
+        return folder
     folder = Path(path).expanduser()
     if not folder.exists():
         raise ConfigError(f"{path} does not exist; pass the experiment folder of a sweep: "

@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..common.keys import get_flat, has_flat
-from .layout import FINAL_FILE, META_KEY, load_spec, study_url, trial_folder
+from ..run.filesystems import StoragePath, is_uri, join, relocate
+from .layout import FINAL_FILE, META_KEY, load_spec, mirror_experiment, study_storage, trial_folder
 from .settings import SweepPlan
 from .trial import scalars, trial_run_config
 
@@ -106,18 +107,33 @@ def _overhead(records: list[dict], config: dict) -> dict:
     }
 
 
-def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: bool = False) -> dict:
+def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = None, close_orphans: bool = False,
+              study=None) -> dict:
     """The sweep's summary from its folder: trial counts, the best trial, the study.
 
     Safe to call on a running sweep (``medalign status``). ``close_orphans`` (the driver,
     after ``fit`` returned) marks study trials still RUNNING as FAIL: a driver killed after
     asking Optuna for a trial but before Tune saved it leaves them behind.
+
+    Args:
+        experiment_dir: the sweep folder, local or remote (``s3://...``: its records are read
+            from a local mirror, and the paths in the summary name the remote folder).
+        study: the :class:`~medalign_platform.tune.study_storage.StudyStorage` to read (the
+            driver's own); default: the recorded one, a file study beside ``sweep.json``.
     """
+    if is_uri(experiment_dir):
+        location = StoragePath(experiment_dir)
+        local = mirror_experiment(location)
+        summary = relocate(summarize(local, wall_s, close_orphans, study), local, location)
+        if study is None and summary["study"]["file"]:
+            summary["study"]["storage"] = join(location, summary["study"]["file"])
+        return summary
     import optuna
 
-    experiment_dir = Path(experiment_dir)
+    experiment_dir = Path(str(experiment_dir))  # a local StoragePath, str or Path
     spec = load_spec(experiment_dir)
     settings = SweepPlan(**spec["settings"])
+    study = study or study_storage(experiment_dir, spec)
     records = trial_records(experiment_dir)
     counts: dict[str, int] = {}
     for record in records:
@@ -133,9 +149,9 @@ def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: 
                 "all_metrics": {k: v for k, v in top["metrics"].items() if k.startswith(("val/", "test/"))},
                 "path": top["path"]}
 
-    # The study beside sweep.json, not at the recorded path: the folder may have been moved.
-    storage = optuna.storages.RDBStorage(study_url(experiment_dir), engine_kwargs={"connect_args": {"timeout": 60}})
-    study = optuna.load_study(study_name=settings.name, storage=storage)
+    # A file study beside sweep.json, not at the recorded path: the folder may have been moved.
+    storage = study
+    study = optuna.load_study(study_name=settings.name, storage=storage.open())
     # Optuna trials asked by a driver that was killed before Tune saved them never finish: mark them.
     live = counts.get("RUNNING", 0) + counts.get("PENDING", 0)
     if close_orphans and live == 0:
@@ -150,7 +166,8 @@ def summarize(experiment_dir: Path, wall_s: float | None = None, close_orphans: 
 
     return {
         "experiment_dir": str(experiment_dir),
-        "study": {"storage": settings.storage_url, "study_name": settings.name, "trials_by_state": states},
+        "study": {"storage": storage.url, "study_name": settings.name, "trials_by_state": states,
+                  "file": Path(storage.target).name if storage.is_file_in_experiment else None},
         "metrics": settings.metrics,
         "modes": settings.modes,
         "sampler": settings.sampler,

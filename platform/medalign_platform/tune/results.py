@@ -17,6 +17,10 @@ the trials' ``final.json`` and event files), so it works on a running sweep: run
 show their latest evaluation. Each file is written to a temporary name and renamed, and the
 TensorBoard folder is built beside the old one and swapped in, so a reader (or a running
 TensorBoard) never sees a half-written file.
+
+A sweep on remote storage (``medalign status s3://bucket/sweeps/NAME``) is read from a local
+mirror of its records (``$MEDALIGN_CACHE/remote/...``), and ``results/`` and ``tensorboard/``
+are built there and uploaded to the sweep folder (replacing the previous upload).
 """
 
 from __future__ import annotations
@@ -33,7 +37,8 @@ from ..common.errors import ConfigError
 from ..common.overrides import as_tree, parse_overrides
 from ..common.settings import Settings, setting
 from .best_experiment import write_best_experiment
-from .layout import SWEEP_SPEC_FILE, check_experiment_dir, study_url
+from ..run.filesystems import StoragePath, is_uri, join, relocate
+from .layout import SWEEP_SPEC_FILE, check_experiment_dir, study_storage
 from .leaderboard import (LEADERBOARD_CSV, is_breakdown, is_count, leaderboard_document, leaderboard_markdown,
                           leaderboard_rows, write_leaderboard_csv)
 from .records import live_records, summarize
@@ -80,6 +85,8 @@ def write_results(experiment_dir: str | Path, *, top: int | None = None) -> dict
     Raises:
         ConfigError: not a sweep folder (see :func:`check_experiment_dir`).
     """
+    if is_uri(experiment_dir):
+        return _write_remote_results(StoragePath(experiment_dir), top)
     folder = check_experiment_dir(experiment_dir)
     spec = json.loads((folder / SWEEP_SPEC_FILE).read_text())
     name = spec["settings"]["name"]
@@ -107,7 +114,7 @@ def write_results(experiment_dir: str | Path, *, top: int | None = None) -> dict
     if best_yaml["path"]:
         files["best_experiment"] = Path(best_yaml["path"])
     importances = param_importances(study, summary["metrics"], summary["modes"])
-    importances.update(study=name, storage=study_url(folder))
+    importances.update(study=name, storage=study_storage(folder, spec).url)
     files["importances_json"] = write_text_atomic(results / IMPORTANCES_JSON, json.dumps(importances, indent=1) + "\n")
     files["importances_png"] = plot_importances(importances, results / IMPORTANCES_PNG, name)
     files["history_png"] = plot_history(rows, summary["metrics"], summary["modes"], results / HISTORY_PNG, name)
@@ -124,6 +131,26 @@ def write_results(experiment_dir: str | Path, *, top: int | None = None) -> dict
         "best": best, "best_experiment": best_yaml, "pareto": sorted(pareto_ids) if pareto_ids is not None else None,
         "importances": importances, "columns": columns, "leaderboard": rows[:top] if top else rows,
     }
+
+
+def _write_remote_results(location: StoragePath, top: int | None) -> dict:
+    """:func:`write_results` for a sweep on remote storage: built on a local mirror, then uploaded.
+
+    The returned paths name the remote folder, except ``best_experiment`` (its YAML file and
+    command stay local: ``medalign train experiment=`` reads a local file) and ``mirror``.
+    """
+    local = check_experiment_dir(str(location))
+    result = write_results(local, top=top)
+    for folder in (RESULTS_DIR, "tensorboard"):
+        if (local / folder).is_dir():
+            (location / folder).upload(local / folder, replace=True)
+    best_yaml = result.pop("best_experiment")
+    storage = result["importances"].get("storage", "")
+    result = relocate(result, local, location)
+    if storage.startswith("sqlite:///") and storage[len("sqlite:///"):].startswith(str(local)):
+        result["importances"]["storage"] = join(location, storage[len("sqlite:///") + len(str(local)):])
+    result.update(best_experiment=best_yaml, mirror=str(local))
+    return result
 
 
 def parse_status_overrides(overrides: Sequence[str]) -> StatusOptions:

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 from ..common.errors import ConfigError
 from ..common.overrides import Override, as_tree, parse_overrides, split_overrides, texts
 from ..common.settings import Settings, setting
-from .layout import study_url
+from ..run.filesystems import is_uri, join, mirror_dir, normalize
+from .study_storage import resolve_storage
 
 if TYPE_CHECKING:
     from ..run.settings import RunSettings
@@ -55,7 +56,11 @@ class SweepOptions(Settings):
     section: ClassVar[str] = "sweep"
 
     name: str | None = setting(None, "Experiment folder name (default: <run.name>-<search>).")
-    output_dir: str = setting("sweeps", "Experiments live in output_dir/name.")
+    output_dir: str = setting("sweeps", "Experiments live in output_dir/name: a local folder (shared by every node of "
+                                        "a multi-node cluster) or a URI such as s3://bucket/prefix.")
+    storage: str | None = setting(None, "Optuna study: null/sqlite (EXP_DIR/optuna.db), journal "
+                                        "(EXP_DIR/optuna.journal), a journal file path, or a database URL such as "
+                                        "postgresql://user@host:5432/db (no password in it: use PGPASSWORD).")
     num_samples: int | None = setting(None, "Trials (default 8; the grid size for sampler=grid).", ge=1)
     max_concurrent: int = setting(2, "Trials at once (capped by a local cluster's resources).", ge=1)
     metric: str = setting("val/closed_accuracy", "The metric the sweep optimises.")
@@ -88,6 +93,9 @@ class SweepOptions(Settings):
                     self.fail(f"trial_resources.{key}", f"must be a number >= 0, got {amount}")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
             self.fail("name", f"={self.name!r} must be a plain folder name")
+        from .study_storage import check_setting
+
+        check_setting(self.storage)
 
 
 @dataclass
@@ -153,18 +161,40 @@ class SweepPlan:
     restart_errored: bool
     verbose: int
     config_overrides: list[str] = dataclasses.field(default_factory=list)
+    storage: str | None = None    # sweep.storage as given (see tune/study_storage.py)
 
     @property
     def multi_objective(self) -> bool:
         return len(self.metrics) > 1
 
     @property
+    def experiment_location(self) -> str:
+        """``output_dir/name``: an absolute local path or a URI (``s3://bucket/prefix/name``)."""
+        return join(self.output_dir, self.name)
+
+    @property
     def experiment_dir(self) -> Path:
+        """The experiment folder as a local path.
+
+        Raises:
+            ConfigError: the experiment is on remote storage (use :attr:`experiment_location`).
+        """
+        if is_uri(self.output_dir):
+            raise ConfigError(f"sweep {self.name} lives in remote storage ({self.experiment_location}); "
+                              f"this step needs a local folder")
         return Path(self.output_dir) / self.name
 
     @property
+    def study_dir(self) -> Path:
+        """The local folder of a file study: the experiment folder, or for a remote experiment a
+        private folder of the driver (the study is copied into the experiment while it runs)."""
+        if is_uri(self.output_dir):
+            return mirror_dir(self.experiment_location).parent / "driver-study"
+        return self.experiment_dir
+
+    @property
     def storage_url(self) -> str:
-        return study_url(self.experiment_dir)
+        return resolve_storage(self.storage, self.study_dir).url
 
     @property
     def asha_enabled(self) -> bool:
@@ -251,7 +281,7 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
     search = request.search if isinstance(request.search, str) else space.source
     name = options.name or f"{base.run.name or 'sweep'}-{Path(str(search)).stem}"
     return SweepPlan(
-        search=str(search), name=name, output_dir=str(Path(options.output_dir).expanduser().resolve()),
+        search=str(search), name=name, output_dir=normalize(options.output_dir), storage=options.storage,
         num_samples=num_samples, max_concurrent=options.max_concurrent, metrics=list(metrics), modes=list(modes),
         sampler=sampler, seed=options.seed, n_startup_trials=int(n_startup), asha=asha,
         trial_resources=dict(resources), num_workers=options.num_workers, executor=executor, resume=options.resume,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..common.atomic import replaced_atomically
-from .layout import STUDY_FILE, study_url
+from .layout import study_storage
 
 
 def _atomic_figure(figure, path: Path) -> Path:
@@ -22,20 +22,21 @@ def _atomic_figure(figure, path: Path) -> Path:
 
 
 def load_study(experiment_dir: Path, study_name: str):
-    """The sweep's Optuna study in ``EXP_DIR/optuna.db``, or None when there is none yet.
+    """The sweep's Optuna study (``sweep.storage``; by default ``EXP_DIR/optuna.db``), or None
+    when there is none yet.
 
-    Opened at the folder's own path (not the one recorded in ``sweep.json``), so a copied or
-    moved experiment folder reads its own study and never creates an empty database.
+    A file study is opened at the folder's own path (not the one recorded in ``sweep.json``),
+    so a copied, moved or mirrored experiment folder reads its own study and never creates an
+    empty one.
     """
     import optuna
 
-    database = experiment_dir / STUDY_FILE
-    if not database.is_file():
+    storage = study_storage(experiment_dir)
+    if storage.kind != "rdb" and not Path(storage.target).is_file():
         return None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(study_url(experiment_dir), engine_kwargs={"connect_args": {"timeout": 60}})
     try:
-        return optuna.load_study(study_name=study_name, storage=storage)
+        return optuna.load_study(study_name=study_name, storage=storage.open())
     except KeyError:
         return None
 

@@ -27,10 +27,10 @@ import math
 import time
 from pathlib import Path
 
-from ..common.atomic import write_json_atomic
 from ..common.keys import flatten
-from ..run.checkpoint import checkpoint_step
-from .layout import FINAL_FILE, MANIFEST_FILE, META_KEY, TRAIN_RUN_NAME, trial_folder
+from ..run.checkpoint import TRAINER_STATE
+from ..run.filesystems import StoragePath, join
+from .layout import FINAL_FILE, MANIFEST_FILE, META_KEY, TRAIN_RUN_NAME, trial_location
 from .search_space import Rule, apply_rules
 
 logger = logging.getLogger(__name__)
@@ -56,20 +56,21 @@ def trial_base_config(base_config: dict, plan, space) -> dict:
         "address": None,  # trials run inside the sweep's cluster
     })
     config[META_KEY] = {
-        "experiment_dir": str(plan.experiment_dir),
+        "experiment_dir": plan.experiment_location,  # a local path or a URI
         "executor": plan.executor,
         "rules": [rule.to_dict() for rule in space.rules.values()],
     }
     return config
 
 
-def trial_run_config(trial_config: dict, trial_dir: Path) -> dict:
-    """The run config of one trial: rules applied, the sweep metadata removed, run paths set."""
+def trial_run_config(trial_config: dict, trial_dir: Path | StoragePath | str) -> dict:
+    """The run config of one trial: rules applied, the sweep metadata removed, run paths set
+    (the trial folder: a local path or a URI)."""
     meta = trial_config.get(META_KEY, {})
     config = apply_rules({k: v for k, v in trial_config.items() if k != META_KEY},
                          [Rule.from_dict(item) for item in meta.get("rules", [])])
     config["run"] = {**config.get("run", {}), "output_dir": str(trial_dir), "name": TRAIN_RUN_NAME,
-                     "log_dir": str(trial_dir / "tensorboard")}
+                     "log_dir": join(str(trial_dir), "tensorboard")}
     return config
 
 
@@ -93,13 +94,13 @@ def sweep_trial(config: dict) -> None:
     from ..run.settings import RunSettings
 
     started = time.perf_counter()
-    trial_dir = trial_folder(config[META_KEY]["experiment_dir"], ray.tune.get_context().get_trial_id())
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    trial_dir = trial_location(config[META_KEY]["experiment_dir"], ray.tune.get_context().get_trial_id())
+    trial_dir.mkdir()
     run_config = trial_run_config(config, trial_dir)
     settings = RunSettings.from_config(run_config)  # types the sampled values (the base was checked by the driver)
     final_path = trial_dir / FINAL_FILE
     if final_path.is_file():  # finished before the sweep driver stopped: report what it recorded
-        ray.tune.report(json.loads(final_path.read_text())["metrics"])
+        ray.tune.report(final_path.read_json()["metrics"])
         return
     max_steps = settings.trainer.max_steps
     metrics = _recorded_final_metrics(trial_dir / TRAIN_RUN_NAME, max_steps)
@@ -114,8 +115,8 @@ def sweep_trial(config: dict) -> None:
         def record_final(final_metrics: dict) -> None:
             # Written before the last report reaches Tune: ASHA may stop a trial at its last
             # rung (step == max_t), and Tune then ends this process before fit returns.
-            write_json_atomic(final_path, _final_record(final_metrics, started, prepared,
-                                                        time.perf_counter() - tick, False, run_config))
+            final_path.write_json(_final_record(final_metrics, started, prepared,
+                                                time.perf_counter() - tick, False, run_config))
 
         metrics, replayed = _fit_inline(settings, on_final=record_final)
         fit_seconds = time.perf_counter() - tick
@@ -129,13 +130,17 @@ def sweep_trial(config: dict) -> None:
         if result.error is not None:
             raise result.error
         metrics = scalars(result.metrics)
-    write_json_atomic(final_path, _final_record(metrics, started, prepared, fit_seconds, replayed, run_config))
+    final_path.write_json(_final_record(metrics, started, prepared, fit_seconds, replayed, run_config))
 
 
 def _final_record(metrics: dict, started: float, prepared: float, fit_seconds: float, replayed: bool,
                   run_config: dict) -> dict:
-    """``final.json`` of a trial: its final metrics and timings (perf_counter seconds)."""
+    """``final.json`` of a trial: its final metrics and timings (perf_counter seconds), and the
+    Ray node that ran it (``node_id``: which machine of a multi-node cluster)."""
+    import ray
+
     return {
+        "node_id": ray.get_runtime_context().get_node_id(),
         "metrics": metrics,
         "trial_wall_s": time.perf_counter() - started,
         "before_fit_s": prepared - started,
@@ -178,23 +183,29 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
 
     max_steps = settings.trainer.max_steps
     checkpoint = ray.tune.get_checkpoint()
+    tune_checkpoint = (StoragePath(_checkpoint_uri(checkpoint, settings.run.output_dir))
+                       if checkpoint is not None else None)
     # Tune restores a trial from the checkpoint its last saved experiment state names, which
     # can be seconds behind (a killed driver); the trial folder may hold a newer complete one.
-    newest = newest_trial_checkpoint(Path(settings.run.output_dir))
-    tune_step = checkpoint_step(Path(checkpoint.path)) if checkpoint is not None else -1
+    newest = newest_trial_checkpoint(StoragePath(settings.run.output_dir))
+    tune_step = _checkpoint_step(tune_checkpoint)
     local = None
     if newest is not None and newest[0] > tune_step:
         logger.info("resuming from %s (step %d), newer than Tune's restored checkpoint", newest[1], newest[0])
         local = newest[1]
-    recorded = local if local is not None else (Path(checkpoint.path) if checkpoint is not None else None)
-    if recorded is not None and (recorded / "metrics.json").is_file() and checkpoint_step(recorded) >= max_steps:
-        metrics = json.loads((recorded / "metrics.json").read_text())  # finished; only the record was lost
+    recorded = local if local is not None else tune_checkpoint
+    if (recorded is not None and (recorded / "metrics.json").is_file()
+            and _checkpoint_step(recorded) >= max_steps):
+        metrics = (recorded / "metrics.json").read_json()  # finished; only the record was lost
         ray.tune.report(metrics)
         return metrics, True
 
     def resume(scratch: Path) -> Path | None:
         if local is not None:
-            return local
+            if not local.is_remote:
+                return local.local()
+            local.download(scratch / "resume")  # a newer checkpoint on remote storage
+            return scratch / "resume"
         if checkpoint is not None:  # only now copied: the newer local one above needs no copy
             return Path(checkpoint.to_directory(str(scratch / "resume")))
         return None
@@ -222,28 +233,48 @@ def write_manifest(checkpoint_dir: Path) -> None:
     (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps(files))
 
 
-def newest_trial_checkpoint(trial_dir: Path) -> tuple[int, Path] | None:
-    """The highest-step complete Tune checkpoint in an inline trial's folder, as (step, path).
+def _checkpoint_uri(checkpoint, trial_location: str) -> str:
+    """The location of a Tune checkpoint: a local path, or its URI on the trial's remote storage
+    (``Checkpoint.path`` is a path on ``Checkpoint.filesystem``, without the URI's scheme)."""
+    name = Path(checkpoint.path).name
+    return join(trial_location, name) if StoragePath(trial_location).is_remote else checkpoint.path
+
+
+def _checkpoint_step(folder: StoragePath | None) -> int:
+    """The step a checkpoint (local or remote) was written at; -1 without a readable trainer state."""
+    if folder is None:
+        return -1
+    try:
+        return int((folder / TRAINER_STATE).read_json()["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
+
+
+def newest_trial_checkpoint(trial_dir: Path | StoragePath) -> tuple[int, StoragePath] | None:
+    """The highest-step complete Tune checkpoint in an inline trial's folder (local or remote),
+    as (step, location).
 
     Complete means every file of its manifest is there with its recorded size: a driver
     killed while Tune was copying a checkpoint leaves a partial folder, which is skipped.
     """
     best = None
-    for folder in trial_dir.glob("checkpoint_*"):
+    for folder in StoragePath(trial_dir).iterdir():
+        if not folder.name.startswith("checkpoint_"):
+            continue
         try:
-            manifest = json.loads((folder / MANIFEST_FILE).read_text())
+            manifest = (folder / MANIFEST_FILE).read_json()
         except (OSError, ValueError):
             continue
-        if not all((folder / name).is_file() and (folder / name).stat().st_size == size
-                   for name, size in manifest.items()):
+        present = folder.files()
+        if not all(name in present and present[name][0] == size for name, size in manifest.items()):
             continue
-        step = checkpoint_step(folder)
+        step = _checkpoint_step(folder)
         if step >= 0 and (best is None or step > best[0]):
             best = (step, folder)
     return best
 
 
-def _recorded_final_metrics(run_dir: Path, max_steps: int) -> dict | None:
+def _recorded_final_metrics(run_dir: StoragePath, max_steps: int) -> dict | None:
     """Final metrics of the trial's Ray Train run if it already reached ``max_steps`` (else None)."""
     if not (run_dir / "checkpoint_manager_snapshot.json").is_file():
         return None
