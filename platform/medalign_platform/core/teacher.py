@@ -37,7 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import open_clip
 import torch
 from PIL import Image
 from torch import Tensor, nn
@@ -448,6 +447,8 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
     if os.path.isfile(pretrained):
         return
     name = model_name.replace("/", "-")
+    import open_clip
+
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
         return
@@ -515,6 +516,8 @@ def load_teacher(model_name: str, pretrained: str | None = None, *,
         if pretrained is not None:
             raise ValueError(f"pretrained={pretrained!r} would be ignored: {model_name!r} already names its weights")
         return _load_hf_clip(model_name[len(HF_CLIP_PREFIX):], device, precision)
+    import open_clip  # here, not at the top: the cache and the targets' types need no open_clip
+
     _check_source(model_name, pretrained)
     extras = _local_dir_extras(model_name)
     model, _, preprocess = open_clip.create_model_and_transforms(

@@ -208,11 +208,11 @@ def open_token_f1(predictions: Sequence[str], references: Sequence[str]) -> floa
 
 def bleu4(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> float:
     """Corpus BLEU-4 (sacrebleu, exp smoothing, 13a tokeniser) on a 0-1 scale; nan for no items."""
+    _check_pairs(predictions, references)
+    if not predictions:  # before the import: scoring closed answers alone needs no sacrebleu
+        return float("nan")
     from sacrebleu.metrics import BLEU
 
-    _check_pairs(predictions, references)
-    if not predictions:
-        return float("nan")
     prep = normalize_answer if normalize else (lambda s: "" if s is None else str(s))
     hyps = [prep(p) for p in predictions]
     refs = [prep(r) for r in references]
@@ -373,13 +373,13 @@ def bleu_n(predictions: Sequence[str], references: Sequence[str], n: int, normal
     ``bleu_n(..., 4)`` equals :func:`bleu4`. Report-generation papers (R2Gen and after)
     list BLEU-1 to BLEU-4 computed this way (cumulative, corpus level).
     """
-    from sacrebleu.metrics import BLEU
-
     if n not in (1, 2, 3, 4):
         raise ValueError(f"n must be 1..4, got {n}")
     _check_pairs(predictions, references)
     if not predictions:
         return float("nan")
+    from sacrebleu.metrics import BLEU
+
     prep = normalize_answer if normalize else (lambda s: "" if s is None else str(s))
     hyps = [prep(p) for p in predictions]
     refs = [prep(r) for r in references]

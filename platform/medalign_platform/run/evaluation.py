@@ -10,41 +10,121 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..common.errors import ConfigError, MedAlignError
 from ..data.collate import generate_answers
-from ..data.prompts import clean_question
 from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score, metric_names
-from ..common.errors import ConfigError
+from ..data.prompts import clean_question
 from ..data.splits import SplitItems, evaluation_items, load_split
 
 if TYPE_CHECKING:
     from .settings import RunSettings, TeacherSettings
 
 
-class TargetLookup:
-    """Maps training items to their cached teacher targets.
+@dataclass(frozen=True)
+class TeacherKey:
+    """What identifies a teacher's targets in the cache: its fingerprints, native grid and width.
 
-    The teacher is loaded once per worker (its weights define the cache key); image
-    content hashes are computed once per image; targets are read from the shared
-    :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
-    :func:`precompute_targets` on the driver.
+    ``prompt_identity`` keys the question-conditioned maps (``teacher.attention=prompt_aware``);
+    None when the teacher has no text tower.
     """
 
-    def __init__(self, teacher: TeacherSettings, model=None):
-        from ..core.target_cache import TargetCache
-        from ..core.teacher import load_teacher
+    identity: str
+    grid: tuple[int, int]
+    width: int
+    prompt_identity: str | None = None
 
+    @classmethod
+    def of(cls, teacher) -> "TeacherKey":
+        prompt = teacher.prompt_identity if getattr(teacher, "has_text", True) else None
+        return cls(teacher.identity, tuple(teacher.grid), int(teacher.width), prompt)
+
+
+class TargetLookup:
+    """Maps image files (and, prompt-aware, their questions) to their cached teacher targets.
+
+    The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`);
+    image content hashes are computed once per image; targets are read from the shared
+    :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
+    :func:`precompute_targets` on the driver. Data-loader workers use the training
+    process's lookup (forked, so the teacher model is shared, not copied). Built from a
+    ``key`` alone, a lookup loads the teacher only if an entry is missing from the cache
+    (benchmarks use this with a cache of random targets and no teacher at all).
+
+    Args:
+        teacher: the ``teacher`` section (``cache_dir``, ``attention``; ``name``/``pretrained``
+            to load it).
+        model: an already loaded teacher (instead of loading ``teacher.name``).
+        key: the teacher's key when already known; the teacher is then not loaded up front.
+    """
+
+    def __init__(self, teacher: TeacherSettings, model=None, *, key: TeacherKey | None = None):
+        from ..core.target_cache import TargetCache
+
+        self.settings = teacher
         self.mode = teacher.attention
-        self.teacher = model if model is not None else load_teacher(teacher.name, teacher.pretrained)
-        if self.mode == "prompt_aware" and not getattr(self.teacher, "has_text", True):
+        self.cache = TargetCache(teacher.cache_dir)
+        self._model = model
+        if key is None:
+            if self._model is None:
+                self._model = self._load()
+            key = TeacherKey.of(self._model)
+        self.key = key
+        if self.mode == "prompt_aware" and key.prompt_identity is None:
             raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
                               "teacher.attention=cls or convert it with its text encoder")
-        self.cache = TargetCache(teacher.cache_dir)
         self._hashes: dict[str, str] = {}
+
+    # What TargetCache needs of a teacher: the key's fields, encode_images (and the prompt-aware
+    # pair) on a miss.
+    @property
+    def identity(self) -> str:
+        return self.key.identity
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.key.grid
+
+    @property
+    def width(self) -> int:
+        return self.key.width
+
+    @property
+    def prompt_identity(self) -> str:
+        if self.key.prompt_identity is None:
+            raise AttributeError("this teacher has no text tower, so no prompt-aware targets")
+        return self.key.prompt_identity
+
+    @property
+    def teacher(self):
+        """The loaded teacher model (loaded now if this lookup was built from a key)."""
+        if self._model is None:
+            model = self._load()
+            if model.identity != self.key.identity:
+                raise MedAlignError(f"teacher {self.settings.name!r} is not the teacher the run was keyed on "
+                                    f"({model.identity[:12]} != {self.key.identity[:12]}); do not change its files "
+                                    "during a run")
+            self._model = model
+        return self._model
+
+    def _load(self):
+        from ..core.teacher import load_teacher
+
+        if not self.settings.name:
+            raise MedAlignError(f"teacher targets are missing from the cache {self.settings.cache_dir} and "
+                                "teacher.name is not set to compute them; set teacher.name (and .pretrained)")
+        return load_teacher(self.settings.name, self.settings.pretrained)
+
+    def encode_images(self, images, batch_size: int | None = None):
+        return self.teacher.encode_images(images, batch_size)
+
+    def encode_prompt_aware(self, images, questions, batch_size: int | None = None):
+        return self.teacher.encode_prompt_aware(images, questions, batch_size)
 
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash
@@ -66,7 +146,7 @@ class TargetLookup:
             questions = [clean_question(q) for q in questions]
         else:
             questions = None
-        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths],
+        return self.cache.get_or_compute(self, list(image_paths), keys=[self._hash(p) for p in image_paths],
                                          questions=questions)
 
 

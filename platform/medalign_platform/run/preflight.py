@@ -172,6 +172,8 @@ def teacher_layout(teacher: dict) -> dict:
 def compute_dtype_of(settings: RunSettings) -> tuple[str, str]:
     """``(weight dtype, activation dtype)`` of a run on GPU."""
     weight, precision = settings.model.dtype, settings.trainer.precision
+    if weight == "auto":  # what a GPU run loads (torch_dtype)
+        weight = "bfloat16"
     if weight in ("bfloat16", "float16"):
         return weight, weight
     return weight, "float32" if precision == "fp32" else "bfloat16"
@@ -296,6 +298,8 @@ class PreflightReport:
 
 def _check_dtype_and_attention(settings: RunSettings, report: PreflightReport) -> None:
     use_gpu, dtype = settings.ray.use_gpu, settings.model.dtype
+    if dtype == "auto":  # what the workers load (core.student.torch_dtype)
+        dtype = "bfloat16" if use_gpu else "float32"
     implementation, precision = settings.model.attn_implementation, settings.trainer.precision
     if implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:

@@ -38,8 +38,9 @@ class ModelSettings(Settings):
     path: str | None = setting(None, "Student: a save_pretrained directory or a hub id (LLaVA family).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
         "sdpa", "Attention kernel of the student; the tap works with all three.")
-    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "The weights as loaded (bfloat16 on GPU "
-                                                                          "halves them).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "The student's weights as loaded, in training and evaluation alike (LoRA and steer stay "
+                "float32); auto: bfloat16 on a GPU (half the memory), float32 on the CPU.")
     prompt_template: str = setting("auto", "auto (the processor's chat template) | llava_v1 | vicuna_v1 | "
                                            "mistral_instruct | qwen_chatml | a format string with {question}.")
     grid: list[int] | None = setting(None, "The visual grid [rows, cols] this preset expects (checked at load and by "
@@ -104,9 +105,17 @@ class TrainerSettings(Settings):
     seed: int = setting(0, "Seeds LoRA/steer weights, data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     num_threads: int = setting(0, "torch CPU threads per worker (0 = leave as is).", ge=0)
-    gradient_checkpointing: bool = setting(False, "Recompute decoder blocks in backward (non-reentrant): activation "
-                                                  "memory drops to about one layer input per block; a 7B step costs "
-                                                  "~1.5x (measured on an H200).")
+    data_workers: int = setting(
+        2, "DataLoader worker processes per training process (image decode, processor, teacher targets); "
+           "0 = in the training process. Capped at the CPUs the process holds minus one (inside Ray: its "
+           "CPU resources, e.g. ray.resources_per_worker.CPU or sweep.trial_resources.CPU).", ge=0)
+    prefetch_batches: int = setting(4, "Micro-batches each data worker prepares ahead.", ge=1)
+    gradient_checkpointing: bool = setting(False, "Recompute decoder blocks in backward (non-reentrant; works with "
+                                                  "the tap's hooks and LoRA): activation memory drops to about one "
+                                                  "layer input per block; a 7B step costs ~1.5x (measured on an H200).")
+    compile: bool = setting(
+        False, "torch.compile each LLM decoder block of the student (the tap's hooks compile with "
+               "block L); evaluation runs eager.")
 
 
 @dataclass

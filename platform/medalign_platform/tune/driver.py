@@ -469,6 +469,19 @@ def _new_points(plan: SweepPlan, points: list[dict]) -> list[dict]:
     return [p for p in points if not any(all(s.get(k) == v for k, v in p.items()) for s in seen)]
 
 
+def trials_that_fit(plan: SweepPlan, available: dict) -> int:
+    """How many of the plan's trials run at once on ``available`` resources (at most max_concurrent).
+
+    Fractional amounts count as such: ``trial_resources={GPU: 0.5}`` fits two trials per GPU.
+    """
+    fits = plan.max_concurrent
+    for key, amount in plan.trial_resources.items():
+        need = amount * plan.num_workers
+        if need > 0:
+            fits = min(fits, int(available.get(key, 0) / need + 1e-9))
+    return fits
+
+
 def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
     """``max_concurrent`` lowered to what a local cluster can run at once (Tune does not see
     the Train workers' resources: the trial actor itself holds none)."""
@@ -478,11 +491,7 @@ def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
     if address:
         return wanted
     available = ray.cluster_resources()
-    fits = wanted
-    for key, amount in plan.trial_resources.items():
-        need = amount * plan.num_workers
-        if need > 0:
-            fits = min(fits, int(available.get(key, 0) // need + 1e-9))
+    fits = trials_that_fit(plan, available)
     if fits < 1:
         raise ConfigError(
             f"sweep.trial_resources={plan.trial_resources} x {plan.num_workers} worker(s) does not fit this "

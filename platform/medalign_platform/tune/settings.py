@@ -78,7 +78,7 @@ class SweepOptions(Settings):
     num_workers: int = setting(1, "Ray Train workers (DDP) per trial.", ge=1)
     executor: Literal["auto", "train", "inline"] = setting(
         "auto", "train: each trial a Ray Train run; inline: the loop in the trial actor; auto: inline for "
-                "1-worker trials, train for DDP ones.")
+                "1-worker CPU trials, train for GPU or DDP ones.")
     resume: bool = setting(False, "Continue the sweep in output_dir/name (same as resume=true).")
     resume_errored: bool = setting(False, "On resume, continue errored trials from their checkpoints.")
     restart_errored: bool = setting(False, "On resume, restart errored trials from scratch.")
@@ -209,6 +209,21 @@ class SweepPlan:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
 
 
+def resolve_executor(executor: str, num_workers: int, resources: dict) -> str:
+    """``sweep.executor`` resolved: ``auto`` is inline only for 1-worker CPU trials.
+
+    Inline saves Ray Train's fixed cost per trial (controller, worker actor, process group:
+    ~10-25 s on a 2-core machine, ``benchmarks/sweep_overhead.py``), which dominates short
+    CPU trials. A GPU trial runs on Ray Train like ``medalign train``: worker restarts,
+    DDP, NCCL, the same code path as a single run, and its start-up is small beside a GPU
+    run. Fractional GPUs (``trial_resources={GPU: 0.5}``) go to the Train workers, so two
+    or more trials share a GPU either way.
+    """
+    if executor == "auto":
+        return "inline" if num_workers == 1 and resources.get("GPU", 0) == 0 else "train"
+    return executor
+
+
 def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace") -> SweepPlan:
     """Fills the request's defaults that depend on the run config and the space, and checks them.
 
@@ -272,9 +287,7 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         logger.warning("fractional GPUs with %d workers per trial: each worker gets %s GPU",
                        options.num_workers, resources["GPU"])
 
-    executor = options.executor
-    if executor == "auto":  # measured trade-off: docs/sweeps.md, benchmarks/sweep_overhead.py
-        executor = "inline" if options.num_workers == 1 else "train"
+    executor = resolve_executor(options.executor, options.num_workers, resources)
     if executor == "inline" and options.num_workers != 1:
         raise ConfigError("sweep.executor=inline runs each trial in one process: it needs sweep.num_workers=1")
 
