@@ -185,13 +185,17 @@ def test_plan_checks_metric_and_missing_layers(mini_cache, tmp_path):
         plan_ablation(parse_ablation_args([*TINY, f"ablation.output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"test metrics need trainer.test_size>0"):
         plan_ablation(parse_ablation_args([*TINY, "trainer.test_size=0", "layers=[1]",
-                                           "ablation.metric=test/closed_accuracy"]))
+                                           "ablation.metric=test/closed_accuracy", "ablation.allow_test_selection=true"]))
+    with pytest.raises(ConfigError, match=r"ablation.metric=test/closed_accuracy picks the best layer on the test "
+                                          r"split.*ablation.allow_test_selection=true"):
+        plan_ablation(parse_ablation_args([*TINY, "layers=[1]", "ablation.metric=test/closed_accuracy"]))
     with pytest.raises(ConfigError, match=r"ablation.executor must be one of 'auto', 'train', 'inline'"):
         plan_ablation(parse_ablation_args([*TINY, "layers=[1]", "ablation.executor=spark",
                                            f"ablation.output_dir={tmp_path}"]))
     assert not any(tmp_path.iterdir())
     plan = plan_ablation(parse_ablation_args([*TINY, "layers=[1,3]", "ablation.metric=test/closed_accuracy",
-                                              f"ablation.output_dir={tmp_path}", "ablation.name=x"]))
+                                              "ablation.allow_test_selection=true", f"ablation.output_dir={tmp_path}",
+                                              "ablation.name=x"]))
     assert plan.seeds == [0, 1, 2] and plan.experiment_dir == tmp_path.resolve() / "x"
     options = plan.sweep.options
     assert (options.sampler, options.num_samples, options.asha.enabled) == ("grid", 6, False)

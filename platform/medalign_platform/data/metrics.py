@@ -467,3 +467,36 @@ def evaluation_metrics(records: Iterable[dict], closed_match: ClosedMatch = "exa
             if not (isinstance(value, float) and math.isnan(value)):
                 out[f"by_qtype/{key}/{name}"] = value
     return out
+
+
+def metric_names(answer_types: Iterable[str], question_types: Iterable[str] = (), has_masks: bool = False,
+                 radgraph: bool = False) -> set[str]:
+    """The metric keys an evaluation can report for a split with these answer and question types.
+
+    A score whose answer type has no item is ``nan`` and left out of the results (so a sweep
+    on it would fail after its first trial trained); the counts are always there.
+
+    Args:
+        answer_types: the split's answer types (``closed``, ``open``, ``report``).
+        question_types: its question types (the ``by_qtype/<type>/...`` breakdown).
+        has_masks: whether some item has a lesion mask (``grounding``).
+        radgraph: whether ``data.radgraph_model`` is set (``report_radgraph_f1``).
+    """
+    kinds = {str(kind).strip().lower() for kind in answer_types}
+    names = {"n_closed", "n_open", "n_report"}
+    if "closed" in kinds:
+        names |= {"closed_accuracy", "closed_accuracy_substring"}
+    if "open" in kinds:
+        names |= {"open_recall", "open_f1", "open_bleu4"}
+    if "report" in kinds:
+        names |= {"report_bleu1", "report_bleu2", "report_bleu3", "report_bleu4", "report_rouge_l"}
+        if radgraph:
+            names.add("report_radgraph_f1")
+    if has_masks:
+        names.add("grounding")
+    if kinds & {"closed", "open"}:
+        for key in {_type_key(t) for t in question_types if t}:
+            names |= {f"by_qtype/{key}/{name}" for name in ("n_closed", "n_open")}
+            names |= {f"by_qtype/{key}/closed_accuracy"} if "closed" in kinds else set()
+            names |= {f"by_qtype/{key}/open_recall", f"by_qtype/{key}/open_f1"} if "open" in kinds else set()
+    return names

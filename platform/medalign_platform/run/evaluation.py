@@ -8,7 +8,8 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import difflib
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,7 +18,7 @@ import torch
 
 from ..common.errors import ConfigError, MedAlignError
 from ..data.collate import generate_answers
-from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score, metric_names
 from ..data.prompts import clean_question
 from ..data.splits import SplitItems, evaluation_items, load_split
 
@@ -245,3 +246,36 @@ def evaluate_split(model, processor, objective, settings: RunSettings, split: st
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
         radgraph_model=settings.data.radgraph_model, prompt_template=settings.model.prompt_template,
     )
+
+
+def split_metric_names(items: SplitItems, radgraph: bool = False) -> set[str]:
+    """The metric keys (without the split prefix) an evaluation of this split can report."""
+    chosen = [items.dataset.items[i] for i in items.indices]
+    return metric_names({item.answer_type for item in chosen}, {item.question_type for item in chosen},
+                        has_masks=any(item.mask_path is not None for item in chosen), radgraph=radgraph)
+
+
+def check_metric_names(wanted: Mapping[str, str], splits: Mapping[str, SplitItems], radgraph: bool = False) -> None:
+    """Checks that every ``setting -> "val/<name>"`` (or ``test/``) metric is one the evaluation reports.
+
+    Runs on the driver before anything trains: a sweep on a metric its trials never report
+    would otherwise fail once its first trial has trained.
+
+    Raises:
+        ConfigError: naming the setting, the metric, the closest valid one and the choices.
+    """
+
+    for setting, metric in wanted.items():
+        split, _, name = str(metric).partition("/")
+        if split not in splits:
+            continue
+        names = split_metric_names(splits[split], radgraph=radgraph)
+        if name in names:
+            continue
+        scores = sorted(n for n in names if not n.startswith("n_") and "/n_" not in n)
+        close = difflib.get_close_matches(name, scores, n=1)
+        hint = f"did you mean {split}/{close[0]}? " if close else ""
+        kinds = sorted({splits[split].dataset.items[i].answer_type for i in splits[split].indices})
+        raise ConfigError(f"{setting}={metric} is not reported by the evaluation of this data ({split} split, "
+                          f"answer types {kinds}); {hint}choose one of "
+                          f"{[f'{split}/{n}' for n in scores if not n.startswith('by_qtype/')]}")

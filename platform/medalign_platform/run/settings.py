@@ -158,6 +158,14 @@ class OutputSettings(Settings):
     output_dir: str = setting("runs", "Ray Train storage path: a local folder (shared by every node of a multi-node "
                                       "cluster) or a URI such as s3://bucket/prefix.")
     log_dir: str | None = setting(None, "TensorBoard folder (default: <output_dir>/<name>/tensorboard).")
+    console_log: str | None = setting(None, "File the run's worker processes write their stdout/stderr to "
+                                            "(a sweep sets one per trial); null: the console.")
+
+    def check(self) -> None:
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name or self.name.startswith("~")):
+            self.fail("name", f"must be a plain folder name (no '/', '..' or '~'), got {self.name!r}: runs live in "
+                              f"run.output_dir/run.name; to write elsewhere set run.output_dir")
 
 
 @dataclass

@@ -82,7 +82,11 @@ class SweepOptions(Settings):
     resume: bool = setting(False, "Continue the sweep in output_dir/name (same as resume=true).")
     resume_errored: bool = setting(False, "On resume, continue errored trials from their checkpoints.")
     restart_errored: bool = setting(False, "On resume, restart errored trials from scratch.")
-    verbose: int = setting(1, "Tune console verbosity 0..3.", ge=0, le=3)
+    verbose: int = setting(1, "Console: 0 the summary only; 1 one progress view (trial chatter in log files); "
+                              "2 Tune's own tables and every trial's output too; 3 also Tune's per-result detail.",
+                           ge=0, le=3)
+    allow_test_selection: bool = setting(False, "Allow sweep.metric(s) on test/*: choosing on the test split makes "
+                                                "its score an optimistic estimate (needs sweep.asha.enabled=false).")
 
     def check(self) -> None:
         if self.trial_resources is not None:
@@ -92,7 +96,7 @@ class SweepOptions(Settings):
                 if amount < 0:
                     self.fail(f"trial_resources.{key}", f"must be a number >= 0, got {amount}")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
-            self.fail("name", f"={self.name!r} must be a plain folder name")
+            self.fail("name", f"must be a plain folder name (no '/', '.' or '..'), got {self.name!r}")
         from .study_storage import check_setting
 
         check_setting(self.storage)
@@ -161,6 +165,7 @@ class SweepPlan:
     restart_errored: bool
     verbose: int
     config_overrides: list[str] = dataclasses.field(default_factory=list)
+    allow_test_selection: bool = False
     storage: str | None = None    # sweep.storage as given (see tune/study_storage.py)
 
     @property
@@ -239,6 +244,14 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         if not metric.startswith(("val/", "test/")):
             raise ConfigError(f"sweep metric {metric!r} is not an evaluation metric; trials report val/* at each "
                               f"evaluation (e.g. val/closed_accuracy, val/open_recall, val/grounding)")
+    on_test = [metric for metric in metrics if metric.startswith("test/")]
+    if on_test and not options.allow_test_selection:
+        raise ConfigError(f"sweep.metric={on_test[0]} selects trials on the test split, which makes the winner's test "
+                          f"score an optimistic estimate; select on val/{on_test[0].split('/', 1)[1]}, or pass "
+                          f"sweep.allow_test_selection=true to do it anyway")
+    if on_test and options.asha.enabled and len(metrics) == 1:
+        raise ConfigError(f"sweep.metric={on_test[0]}: test/* is reported only at the end of each trial, so ASHA "
+                          f"cannot rank trials on it at its rungs; pass sweep.asha.enabled=false")
 
     sampler = options.sampler or ("grid" if space.has_grid else "tpe")
     if space.has_grid and sampler != "grid":
@@ -286,5 +299,5 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         sampler=sampler, seed=options.seed, n_startup_trials=int(n_startup), asha=asha,
         trial_resources=dict(resources), num_workers=options.num_workers, executor=executor, resume=options.resume,
         resume_errored=options.resume_errored, restart_errored=options.restart_errored, verbose=options.verbose,
-        config_overrides=list(request.config_overrides),
+        config_overrides=list(request.config_overrides), allow_test_selection=options.allow_test_selection,
     )
