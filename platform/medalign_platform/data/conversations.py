@@ -289,7 +289,7 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def _outside(rel: str, what: str, roots: list[Path]) -> _RecordProblem:
-    shown = " or ".join(str(root) for root in roots)
+    shown = " or ".join(dict.fromkeys(str(root) for root in roots))  # once when image_root is the JSON folder
     return _RecordProblem(f"{what} path {rel!r} leaves the dataset root ({shown})",
                           f"give {what} paths inside image_root or the JSON's folder (relative, without '..')")
 
