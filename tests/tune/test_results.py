@@ -122,7 +122,7 @@ def test_best_experiment_file_composes_to_the_best_trial_config(sweep):
     assert f"# Run it:          medalign train experiment={path}" in text
 
     composed = compose_config([f"experiment={path}"])
-    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None}
+    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None, "console_log": None}
     without_run = lambda config: {k: v for k, v in config.items() if k != "run"}
     assert without_run(composed) == without_run(best["config"])
     assert composed["distill"]["lambda_align"] == best["params"]["distill.lambda_align"]  # exact float
@@ -319,6 +319,10 @@ def test_status_of_a_running_sweep(sweep, tmp_path):
         if trial["trial_id"] == running:
             entry[0] = json.dumps({**trial, "status": "RUNNING"})
     state_file.write_text(json.dumps(state))
+    # ...and its driver is alive (this process): an unfinished trial of a stopped sweep
+    # would be INTERRUPTED instead (tests/tune/test_sweep_bookkeeping.py).
+    from medalign_platform.tune.layout import write_driver_state
+    write_driver_state(copy, "running")
 
     result = write_results(copy)
     rows = {r["trial_id"]: r for r in result["leaderboard"]}
