@@ -506,12 +506,16 @@ def _cap_concurrency(plan: SweepPlan, address: str | None) -> int:
 def _state_api_available(wait_s: float = 180.0) -> bool:
     """Whether the Ray state API answers (it needs the dashboard, which may still be starting: on a
     loaded 2-core machine that took over a minute)."""
+    import ray
     from ray.util.state import list_actors
 
+    # The connected cluster's own GCS address: left to auto-detection, the state API refuses
+    # when several Ray clusters run on the machine (other users', other sweeps').
+    address = ray.get_runtime_context().gcs_address if ray.is_initialized() else None
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            list_actors(limit=1, timeout=10, raise_on_missing_output=False)
+            list_actors(address=address, limit=1, timeout=10, raise_on_missing_output=False)
             return True
         except Exception:  # noqa: BLE001 - any failure means Ray Train's cleaner cannot use it either
             if time.monotonic() > deadline:
