@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import kill_tree
 
 pytestmark = pytest.mark.slow
 
@@ -78,24 +79,6 @@ def _trial_processes(proc: subprocess.Popen):
     return found
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL of the driver's process group and of every descendant (Ray's own processes included)."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    os.killpg(proc.pid, signal.SIGKILL)
-    for process in descendants:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=60)
-    psutil.wait_procs(descendants, timeout=30)
-
-
 # Open (issue #13): in the full suite of the landing commit one of the 6 trials ended ERROR
 # after the kills (its error.txt: two "actor died" failures at the same second, under
 # ray.max_failures=4), so the sweep did not complete. Not yet understood; kept running so
@@ -142,7 +125,7 @@ def chaos(tmp_path_factory):
         victim.kill()
         base = max(_count(experiment), 0)
         assert _wait_rows(proc, experiment, base + plan["driver_kill_after"]), log.read_text()[-3000:]
-        _kill_tree(proc)
+        kill_tree(proc)
         facts["snapshots"].append(_rows(experiment))
         # 3. Resumed until the sweep says it is complete.
         for attempt in range(3):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import kill_tree
 from medalign_platform.common.errors import ConfigError
 from medalign_platform.tune.search_space import SearchSpaceError, load_search_space
 
@@ -188,26 +188,6 @@ def _in_progress(experiment: Path, executor: str) -> list[Path]:
     return [t for t in experiment.glob("trial_*") if 0 < _checkpoint_step(t, executor) <= MAX_STEPS // 2]
 
 
-def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILLs the driver's process group, then any of its descendants that left the group."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    os.killpg(proc.pid, signal.SIGKILL)
-    # Ray's workers may live in other process groups: kill them at once too, or a trial
-    # keeps training (and checkpointing) while we wait, and is no longer "killed mid-run".
-    for process in descendants:
-        try:
-            process.kill()
-        except psutil.NoSuchProcess:
-            pass
-    proc.wait(timeout=30)
-    psutil.wait_procs(descendants, timeout=20)
-
-
 @pytest.fixture(scope="module", params=["train", "inline"])
 def killed_and_resumed(request, tmp_path_factory):
     """Runs the sweep driver in a subprocess, SIGKILLs it once a trial has finished and another
@@ -252,7 +232,7 @@ def _kill_and_resume(root: Path, executor: str):
             time.sleep(0.25)
     finally:
         if proc.poll() is None:
-            _kill_tree(proc)
+            kill_tree(proc)
         log.close()
     if before is not None:  # what the killed runs had saved when they died
         before["step_at_kill"] = {name: _checkpoint_step(experiment / name, executor) for name in before["in_progress"]}
