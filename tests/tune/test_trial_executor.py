@@ -12,24 +12,6 @@ from medalign_platform.tune.settings import parse_sweep_request, resolve_executo
 from medalign_platform.tune.trial import trial_base_config, trial_run_config
 
 
-@pytest.fixture(scope="module")
-def base_config(tmp_path_factory):
-    """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
-    from medalign_platform.run.compose import compose_config
-
-    cache = tmp_path_factory.mktemp("stub_cache")
-    root = cache / "synthmed"
-    root.mkdir()
-    (root / "prepared.json").write_text(json.dumps({k: str(root / k) for k in ("data", "teacher", "student")}
-                                                   | {"cache": str(root)}))
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(cache))
-    try:
-        yield compose_config(["experiment=synthmed_vqa", "trainer.max_steps=40", "trainer.eval_every=10"])
-    finally:
-        patch.undo()
-
-
 def plan_for(overrides, config, run_overrides=()):
     request = parse_sweep_request(overrides)
     config = json.loads(json.dumps(config))
@@ -52,13 +34,13 @@ def test_auto_is_inline_only_for_single_worker_cpu_trials(executor, workers, res
     assert resolve_executor(executor, workers, resources) == expected
 
 
-def test_gpu_trials_run_on_ray_train_with_their_fractional_gpu(base_config, tmp_path):
+def test_gpu_trials_run_on_ray_train_with_their_fractional_gpu(stub_config, tmp_path):
     from medalign_platform.run.ray_train import build_trainer
 
-    plan = plan_for(["sweep.trial_resources={CPU: 2, GPU: 0.5}", f"sweep.output_dir={tmp_path}"], base_config)
+    plan = plan_for(["sweep.trial_resources={CPU: 2, GPU: 0.5}", f"sweep.output_dir={tmp_path}"], stub_config)
     assert plan.executor == "train" and plan.trial_resources == {"CPU": 2, "GPU": 0.5}
     space = load_search_space("smoke")
-    trial = trial_base_config(base_config, plan, space)
+    trial = trial_base_config(stub_config, plan, space)
     assert trial["ray"]["use_gpu"] is True and trial["ray"]["resources_per_worker"] == {"CPU": 2, "GPU": 0.5}
     run = RunSettings.from_config(trial_run_config(trial, tmp_path / "trial_0"))
     scaling = build_trainer(run).scaling_config  # what Ray Train will request per worker
@@ -66,10 +48,10 @@ def test_gpu_trials_run_on_ray_train_with_their_fractional_gpu(base_config, tmp_
     assert scaling.resources_per_worker == {"CPU": 2.0, "GPU": 0.5}
 
 
-def test_a_gpu_run_config_makes_gpu_trials_without_sweep_resources(base_config, tmp_path):
-    plan = plan_for([f"sweep.output_dir={tmp_path}"], base_config, [("ray.use_gpu", True)])
+def test_a_gpu_run_config_makes_gpu_trials_without_sweep_resources(stub_config, tmp_path):
+    plan = plan_for([f"sweep.output_dir={tmp_path}"], stub_config, [("ray.use_gpu", True)])
     assert plan.trial_resources == {"CPU": 1.0, "GPU": 1} and plan.executor == "train"
-    cpu_plan = plan_for([f"sweep.output_dir={tmp_path}"], base_config)
+    cpu_plan = plan_for([f"sweep.output_dir={tmp_path}"], stub_config)
     assert cpu_plan.trial_resources == {"CPU": 1.0} and cpu_plan.executor == "inline"
 
 
@@ -81,8 +63,8 @@ def test_a_gpu_run_config_makes_gpu_trials_without_sweep_resources(base_config, 
     ({"CPU": 1, "GPU": 0.5}, {"CPU": 16, "GPU": 2}, 2, 2),     # 2 DDP workers per trial
     ({"CPU": 1, "GPU": 1}, {"CPU": 16}, 1, 0),                 # no GPU in the cluster
 ])
-def test_fractional_gpus_fit_several_trials_per_gpu(base_config, tmp_path, resources, available, workers, expected):
+def test_fractional_gpus_fit_several_trials_per_gpu(stub_config, tmp_path, resources, available, workers, expected):
     overrides = [f"sweep.trial_resources={json.dumps(resources).replace(chr(34), '')}", "sweep.max_concurrent=8",
                  f"sweep.num_workers={workers}", f"sweep.output_dir={tmp_path}"]
-    plan = plan_for(overrides, base_config)
+    plan = plan_for(overrides, stub_config)
     assert trials_that_fit(plan, available) == expected
