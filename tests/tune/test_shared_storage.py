@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import kill_tree
 from medalign_platform.common.errors import ConfigError
 
 
@@ -169,24 +169,6 @@ KILL_TIMEOUT_S = 300
 CLUSTER_PARTS = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
 
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILLs the driver's process group and every descendant (its Ray cluster included)."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    os.killpg(process.pid, signal.SIGKILL)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=30)
-    psutil.wait_procs(descendants, timeout=20)
-
-
 def _newest_step(trial: Path) -> int:
     from medalign_platform.tune.trial import newest_trial_checkpoint
 
@@ -233,7 +215,7 @@ def postgres_resumed(tmp_path_factory, postgres):
             time.sleep(0.25)  # poll interval
     finally:
         if process.poll() is None:
-            _kill_tree(process)
+            kill_tree(process)
     assert killed, f"no half-way trial seen:\n{(root / 'driver.log').read_text()[-4000:]}"
     killed["step_at_kill"] = _newest_step(experiment / killed["running"])
     killed["mode"] = stat.S_IMODE(experiment.stat().st_mode)
