@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -96,3 +97,21 @@ def postgres():
                     "(Debian: apt-get install postgresql)")
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def stub_config(tmp_path_factory):
+    """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
+    from medalign_platform.run.compose import compose_config
+
+    cache = tmp_path_factory.mktemp("stub_cache")
+    root = cache / "synthmed"
+    root.mkdir()
+    (root / "prepared.json").write_text(json.dumps({k: str(root / k) for k in ("data", "teacher", "student")}
+                                                   | {"cache": str(root)}))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDALIGN_CACHE", str(cache))
+    try:
+        yield compose_config(["experiment=synthmed_vqa", "trainer.max_steps=40", "trainer.eval_every=10"])
+    finally:
+        patch.undo()
