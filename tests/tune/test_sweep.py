@@ -61,6 +61,21 @@ def test_multi_objective_turns_asha_off(stub_config):
     assert settings.metrics == ["val/closed_accuracy", "val/grounding"]
 
 
+def test_actor_reuse_is_off_unless_asked_for_and_refused_with_asha(stub_config, tmp_path):
+    """A dead cached actor would end the next trial ERROR whatever ray.max_failures says (see
+    tests/tune/test_chaos.py), so Tune gets reuse_actors=False unless the sweep asks for it."""
+    from medalign_platform.tune.driver import _tuner
+
+    plan, space, _ = settings_for([f"sweep.output_dir={tmp_path}"], stub_config)
+    plan.experiment_dir.mkdir(parents=True)
+    assert plan.reuse_actors is False
+    assert _tuner(plan, space, stub_config, 2, [])._local_tuner._tune_config.reuse_actors is False
+    plan, _, _ = settings_for(["sweep.reuse_actors=true", "sweep.asha.enabled=false"], stub_config)
+    assert plan.reuse_actors is True
+    with pytest.raises(ConfigError, match="sweep.reuse_actors=true cannot be used with ASHA"):
+        settings_for(["sweep.reuse_actors=true"], stub_config)
+
+
 def test_grid_spaces_pick_the_grid_sampler_and_its_size(stub_config):
     settings, space, _ = settings_for(["search=layers_grid"], stub_config, "layers_grid")
     assert settings.sampler == "grid" and settings.num_samples == space.grid_size() == 6

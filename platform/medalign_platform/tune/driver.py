@@ -549,10 +549,9 @@ def _tuner(plan: SweepPlan, space: SearchSpace, base_config: dict, concurrency: 
         param_space=space.param_space(trial_base_config(base_config, plan, space)),
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=plan.num_samples,
                                     max_concurrent_trials=concurrency,
-                                    # Reusing a trial actor saves its start and imports, but Tune cannot
-                                    # reuse the actor of a trial it stopped early (the trial's thread still
-                                    # runs): the next trial would error. So only without early stopping.
-                                    reuse_actors=not plan.asha_enabled,
+                                    # Off unless asked for (sweep.reuse_actors): a dead cached actor
+                                    # errors the next trial regardless of max_failures.
+                                    reuse_actors=plan.reuse_actors,
                                     trial_dirname_creator=trial_dirname,
                                     trial_name_creator=trial_dirname),
         run_config=tune.RunConfig(

@@ -82,6 +82,10 @@ class SweepOptions(Settings):
     resume: bool = setting(False, "Continue the sweep in output_dir/name (same as resume=true).")
     resume_errored: bool = setting(False, "On resume, continue errored trials from their checkpoints.")
     restart_errored: bool = setting(False, "On resume, restart errored trials from scratch.")
+    reuse_actors: bool = setting(False, "Give a finished trial's actor to the next trial (saves its start and "
+                                        "imports). Off by default: Ray Tune counts a cached actor that dies as two "
+                                        "failures of the trial it is handed to and ends that trial ERROR, whatever "
+                                        "ray.max_failures says. Needs sweep.asha.enabled=false.")
     verbose: int = setting(1, "Console: 0 the summary only; 1 one progress view (trial chatter in log files); "
                               "2 Tune's own tables and every trial's output too; 3 also Tune's per-result detail.",
                            ge=0, le=3)
@@ -167,6 +171,7 @@ class SweepPlan:
     config_overrides: list[str] = dataclasses.field(default_factory=list)
     allow_test_selection: bool = False
     storage: str | None = None    # sweep.storage as given (see tune/study_storage.py)
+    reuse_actors: bool = False    # absent from the sweep.json of sweeps recorded before it existed
 
     @property
     def multi_objective(self) -> bool:
@@ -287,6 +292,12 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         logger.warning("fractional GPUs with %d workers per trial: each worker gets %s GPU",
                        options.num_workers, resources["GPU"])
 
+    if options.reuse_actors and asha["enabled"] and len(metrics) == 1:
+        # Tune cannot hand on the actor of a trial it stopped early (the trial's thread still
+        # runs), so the next trial would error.
+        raise ConfigError("sweep.reuse_actors=true cannot be used with ASHA early stopping; pass "
+                          "sweep.asha.enabled=false, or leave sweep.reuse_actors=false")
+
     executor = resolve_executor(options.executor, options.num_workers, resources)
     if executor == "inline" and options.num_workers != 1:
         raise ConfigError("sweep.executor=inline runs each trial in one process: it needs sweep.num_workers=1")
@@ -300,4 +311,5 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         trial_resources=dict(resources), num_workers=options.num_workers, executor=executor, resume=options.resume,
         resume_errored=options.resume_errored, restart_errored=options.restart_errored, verbose=options.verbose,
         config_overrides=list(request.config_overrides), allow_test_selection=options.allow_test_selection,
+        reuse_actors=options.reuse_actors,
     )
