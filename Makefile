@@ -50,8 +50,13 @@ system-deps:
 		echo "make system-deps: missing$$missing (Debian: sudo apt-get install$$missing); the tests that need them skip"; \
 	fi
 
+# Two pytest workers (pytest-xdist), each test module on one worker, the heaviest modules first
+# (tests/conftest.py): much of the suite waits on Ray, subprocesses or one-threaded training, so
+# two at a time fill two cores. One intra-op thread per process: two processes with two OpenMP
+# threads each on two cores spin-wait on each other (a 5x slower step, docs/performance.md).
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"
