@@ -37,18 +37,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..common.atomic import write_text_atomic
 from ..common.errors import ConfigError
 from ..common.keys import tune_key
 from ..run.filesystems import StoragePath
 from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, check_private, load_spec, read_driver_state,
-                     trial_dirname, trial_folder, write_driver_state)
+                     trial_dirname, write_driver_state)
+from .errored import mark_errored_in_state, set_aside_errored_trials
 from .outcome import interruptible
 from .search_space import SearchSpace, load_search_space
 from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan
@@ -61,7 +60,6 @@ TRIAL_ACTOR_MEMORY = 2**20            # bytes of Ray's memory resource held by e
 TUNE_STATE_PERIOD_ENV = "TUNE_GLOBAL_CHECKPOINT_S"  # how often Tune saves its experiment state
 TUNE_STATE_PERIOD_S = "1"
 DISABLE_TUNE_LOGGERS_ENV = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
-RESULT_FILES = ("result.json", "progress.csv", "params.json")  # tune/result_log.py writes them
 
 
 def prepare_sweep(request: SweepRequest | Sequence[str], base=None):
@@ -250,14 +248,9 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
     callbacks = _callbacks(plan, space, concurrency, study, location)
     uploader = _study_uploader(study, location)
     if plan.resume and restorable:
-        if location.is_remote:
-            if plan.restart_errored:
-                logger.warning("sweep.restart_errored on remote storage: errored trials keep what they left in "
-                               "their folders (it is set aside on local folders only)")
-        else:
-            mark_errored_in_state(location.local())
-            if plan.restart_errored:
-                set_aside_errored_trials(location.local())
+        mark_errored_in_state(location)
+        if plan.restart_errored:
+            set_aside_errored_trials(location)
         tuner = tune.Tuner.restore(str(location), trainable=_trainable(plan), resume_unfinished=True,
                                    resume_errored=plan.resume_errored, restart_errored=plan.restart_errored)
         # The restored run config is the pickled original: this run's console settings replace its callbacks.
@@ -300,66 +293,6 @@ def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int, study, loc
             mode=plan.modes[0], num_samples=plan.num_samples, max_concurrent=concurrency, max_steps=plan.asha["max_t"],
             early_stopping="asha" if plan.asha_enabled else "off"))
     return callbacks
-
-
-def mark_errored_in_state(experiment_dir) -> list[str]:
-    """Gives the trials the driver saw error for good (``errored.json``) the status ERROR in
-    Tune's saved experiment state, where the last snapshot can still say RUNNING.
-
-    ``Tuner.restore`` decides from that status what to do with a trial: without this, an
-    errored trial would be continued as an unfinished one, whatever ``resume_errored`` /
-    ``restart_errored`` say. Returns the ids changed.
-    """
-    from .layout import read_errored
-
-    errored = set(read_errored(experiment_dir))
-    changed: list[str] = []
-    if not errored:
-        return changed
-    for path in sorted(Path(experiment_dir).glob("experiment_state-*.json")):
-        state = json.loads(path.read_text())
-        touched = False
-        for entry in state.get("trial_data", []):
-            trial = json.loads(entry[0])
-            if trial.get("trial_id") in errored and trial.get("status") in ("PENDING", "RUNNING", "PAUSED"):
-                trial["status"] = "ERROR"
-                entry[0] = json.dumps(trial, indent=2)
-                changed.append(trial["trial_id"])
-                touched = True
-        if touched:
-            write_text_atomic(path, json.dumps(state))
-    return changed
-
-
-def set_aside_errored_trials(experiment_dir) -> list[str]:
-    """Moves what errored trials left in their folders into ``.restarted-<time>/`` (kept, not deleted).
-
-    ``sweep.restart_errored=true`` must start those trials from scratch: without this, an
-    inline trial would resume from the checkpoints in its folder and a Ray Train trial from
-    its run's snapshot. Returns the trial ids set aside.
-    """
-    from .layout import read_errored
-    from .records import live_records, trial_records
-
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for record in live_records(trial_records(experiment_dir), False, list(read_errored(experiment_dir))):
-        if record["status"] != "ERROR":
-            continue
-        folder = trial_folder(experiment_dir, record["trial_id"])
-        aside = folder / f".restarted-{stamp}"
-        entries = [p for p in folder.iterdir() if not p.name.startswith(".restarted-")] if folder.is_dir() else []
-        if not entries:
-            continue
-        aside.mkdir()
-        for entry in entries:
-            if entry.name in RESULT_FILES:  # Tune reads them once more while it restores; copies stay aside
-                shutil.copy2(entry, aside / entry.name)
-            else:
-                os.replace(entry, aside / entry.name)
-        moved.append(record["trial_id"])
-        logger.info("restart_errored: %s set aside in %s", folder, aside)
-    return moved
 
 
 def open_study(plan: SweepPlan, location: StoragePath):
