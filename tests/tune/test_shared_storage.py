@@ -159,7 +159,7 @@ def test_layer_ablation_refuses_an_object_store_folder():
 
 # --------------------------------------------------------------------------- PostgreSQL, killed and resumed
 
-MAX_STEPS = 4
+MAX_STEPS = 6  # checkpoints at 2, 4, 6: the kill, seen at 2 or 4, lands before the last
 SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=2",
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.num_samples=1", "sweep.max_concurrent=1", "sweep.seed=0",
@@ -197,7 +197,7 @@ def postgres_resumed(tmp_path_factory, postgres):
     started = time.monotonic()
     with (root / "driver.log").open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    killed = None
+    killed = listening = None
     storage = optuna.storages.RDBStorage(postgres.url)  # one connection pool for every poll
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
@@ -207,10 +207,13 @@ def postgres_resumed(tmp_path_factory, postgres):
             except KeyError:
                 trials = []  # not created yet
             in_study = [t.state.name for t in trials]
+            if in_study == ["RUNNING"] and listening is None and any(experiment.glob("trial_*/trial.log")):
+                # Recorded once the trial process writes its log (its worker included), not at the kill: listing
+                # sockets takes long enough on a busy machine for the trial to finish meanwhile.
+                listening = listening_sockets(psutil.Process(process.pid))
             running = [t for t in experiment.glob("trial_*") if 0 < _newest_step(t) < MAX_STEPS]
-            if in_study == ["RUNNING"] and running:
-                killed = {"running": running[0].name, "after_s": time.monotonic() - started,
-                          "listening": listening_sockets(psutil.Process(process.pid))}
+            if in_study == ["RUNNING"] and running and listening is not None:
+                killed = {"running": running[0].name, "after_s": time.monotonic() - started, "listening": listening}
                 break
             time.sleep(0.25)  # poll interval
     finally:
