@@ -45,9 +45,9 @@ from pathlib import Path
 from ..common.errors import ConfigError
 from ..common.keys import tune_key
 from ..run.filesystems import StoragePath
+from .errored import mark_errored_in_state, set_aside_errored_trials
 from .layout import (DRIVER_LOG, SUMMARY_FILE, SWEEP_SPEC_FILE, TRIAL_LOG, check_private, load_spec, read_driver_state,
                      trial_dirname, write_driver_state)
-from .errored import mark_errored_in_state, set_aside_errored_trials
 from .outcome import interruptible
 from .search_space import SearchSpace, load_search_space
 from .settings import SweepPlan, SweepRequest, parse_sweep_request, resolve_plan

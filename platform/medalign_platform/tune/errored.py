@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 from ..common.atomic import write_text_atomic
 from ..run.filesystems import StoragePath
 from .layout import read_errored, trial_folder, trial_location
+from .result_log import PARAMS_FILE, PROGRESS_FILE, RESULT_FILE
 
 logger = logging.getLogger(__name__)
 
-RESULT_FILES = ("result.json", "progress.csv", "params.json")  # tune/result_log.py writes them
+RESULT_FILES = (RESULT_FILE, PROGRESS_FILE, PARAMS_FILE)
 STATE_PREFIX = "experiment_state-"
 ASIDE_PREFIX = ".restarted-"
 
@@ -103,8 +105,6 @@ def set_aside_errored_trials(experiment: str | Path | StoragePath) -> list[str]:
 
 
 def _set_aside_local(folder: Path, aside_name: str) -> bool:
-    import shutil
-
     entries = [p for p in folder.iterdir() if not p.name.startswith(ASIDE_PREFIX)] if folder.is_dir() else []
     if not entries:
         return False
