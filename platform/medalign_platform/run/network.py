@@ -79,15 +79,21 @@ def joins_loopback_only_cluster(address: str | None, timeout_s: float = 1.0) -> 
     connect to GCS" for minutes. So: a loopback ``host:port`` whose port does not answer on the
     outward address.
     """
-    if not address or address in LOCAL_ADDRESSES or address == "auto" or "://" in address:
+    from ..common.errors import ClusterError
+    from .cluster import host_port
+
+    if address in LOCAL_ADDRESSES or address == "auto" or "://" in address:  # ray:// is Ray Client's
         return False
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or host.strip("[]") not in LOOPBACK_HOSTS:
+    try:
+        target = host_port(address)
+    except ClusterError:  # not host:port: ray.init reports it
+        return False
+    if target is None or target[0] not in LOOPBACK_HOSTS:
         return False
     import ray
 
     try:
-        socket.create_connection((ray.util.get_node_ip_address(), int(port)), timeout=timeout_s).close()
+        socket.create_connection((ray.util.get_node_ip_address(), target[1]), timeout=timeout_s).close()
     except OSError:
         return True
     return False
