@@ -292,19 +292,13 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         logger.warning("fractional GPUs with %d workers per trial: each worker gets %s GPU",
                        options.num_workers, resources["GPU"])
 
-    if options.reuse_actors and asha["enabled"] and len(metrics) == 1:
-        # Tune cannot hand on the actor of a trial it stopped early (the trial's thread still
-        # runs), so the next trial would error.
-        raise ConfigError("sweep.reuse_actors=true cannot be used with ASHA early stopping; pass "
-                          "sweep.asha.enabled=false, or leave sweep.reuse_actors=false")
-
     executor = resolve_executor(options.executor, options.num_workers, resources)
     if executor == "inline" and options.num_workers != 1:
         raise ConfigError("sweep.executor=inline runs each trial in one process: it needs sweep.num_workers=1")
 
     search = request.search if isinstance(request.search, str) else space.source
     name = options.name or f"{base.run.name or 'sweep'}-{Path(str(search)).stem}"
-    return SweepPlan(
+    plan = SweepPlan(
         search=str(search), name=name, output_dir=normalize(options.output_dir), storage=options.storage,
         num_samples=num_samples, max_concurrent=options.max_concurrent, metrics=list(metrics), modes=list(modes),
         sampler=sampler, seed=options.seed, n_startup_trials=int(n_startup), asha=asha,
@@ -313,3 +307,9 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         config_overrides=list(request.config_overrides), allow_test_selection=options.allow_test_selection,
         reuse_actors=options.reuse_actors,
     )
+    if plan.reuse_actors and plan.asha_enabled:
+        # Tune cannot hand on the actor of a trial it stopped early (the trial's thread still
+        # runs), so the next trial would error.
+        raise ConfigError("sweep.reuse_actors=true cannot be used with ASHA early stopping; pass "
+                          "sweep.asha.enabled=false, or leave sweep.reuse_actors=false")
+    return plan
