@@ -54,8 +54,12 @@ system-deps:
 # (tests/conftest.py): much of the suite waits on Ray, subprocesses or one-threaded training, so
 # two at a time fill two cores. One intra-op thread per process: two processes with two OpenMP
 # threads each on two cores spin-wait on each other (a 5x slower step, docs/performance.md).
+# The package is byte-compiled first: every Ray worker, trial actor and `medalign` subprocess the
+# tests start imports it, and with PYTHONDONTWRITEBYTECODE set (as on this image) each would
+# compile it again (~0.3 s of CPU per process).
 TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
+	$(PY) -m compileall -q platform
 	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: $(STAMP)

@@ -143,6 +143,8 @@ def test_arguments_split_into_grid_options_and_run_overrides():
     assert request.sweep_options == {"verbose": 0}
     assert request.config_overrides == ["experiment=synthmed_vqa", "trainer.max_steps=4"]
     assert parse_ablation_args(["layers=2"]).layers == [2] and parse_ablation_args(["layers=[2]"]).seeds is None
+    # no ASHA in a grid, so actor reuse may pass through (a sweep with ASHA refuses it)
+    assert parse_ablation_args(["layers=[1]", "sweep.reuse_actors=true"]).sweep_options == {"reuse_actors": True}
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -213,7 +215,7 @@ def real_ablation(mini_cache, tmp_path_factory):
     try:
         result = run_ablation([*TINY, "layers=[1,3]", "seeds=[0,1]", "ablation.executor=inline",
                                "ablation.max_concurrent=2", "ablation.name=grid", f"ablation.output_dir={out}",
-                               "sweep.verbose=0"])
+                               "sweep.verbose=0", "sweep.reuse_actors=true"])  # no faults here: 2 actor starts, not 4
     finally:
         ray.shutdown()
     return result, out / "grid"
@@ -227,6 +229,9 @@ def test_real_ablation_runs_every_cell_and_tables_the_trial_records(real_ablatio
     cells = {(r["params"]["distill.layer"], r["params"]["trainer.seed"]) for r in records}
     assert cells == {(1, 0), (1, 1), (3, 0), (3, 1)}
     assert all(r["metrics"]["step"] == MAX_STEPS for r in records)
+    # sweep.reuse_actors passed through: the 4 cells ran in the 2 actors of the first two
+    pids = {json.loads((Path(r["path"]) / "result.json").read_text().splitlines()[0])["pid"] for r in records}
+    assert len(pids) == 2, pids
     assert result["columns"] == ["val/closed_accuracy", "val/grounding", "val/open_recall", "test/closed_accuracy",
                                  "test/grounding", "test/open_recall"]
     saved = json.loads((experiment / "ablation" / "ablation.json").read_text())

@@ -332,7 +332,10 @@ def inline_multi_objective(tmp_path_factory):
     root = tmp_path_factory.mktemp("inline")
     kept = [o for o in SWEEP if not o.startswith(("sweep.name=", "sweep.asha."))]
     overrides = [*kept, "sweep.name=pareto", f"sweep.output_dir={root / 'sweeps'}", "sweep.executor=inline",
-                 "sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.sampler=nsga2"]
+                 "sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.sampler=nsga2",
+                 # Actor reuse (no ASHA here): the one end-to-end check of sweep.reuse_actors=true, and
+                 # two trial-actor starts (imports, ~8 s of CPU each) fewer.
+                 "sweep.reuse_actors=true"]
     with mini_synthmed_env(root / "cache"):
         return run_sweep(overrides), root / "sweeps" / "pareto"
 
@@ -359,3 +362,7 @@ def test_inline_multi_objective_sweep_runs_without_asha_and_keeps_a_pareto_front
     # the other pytest worker busy (76 s once with three workers); a regression to Ray Train's
     # per-trial start-up or a stuck trial goes past the bound.
     assert summary["overhead"]["mean_trial_wall_s"] < 120
+    # The three trials shared two actors (two at a time): the third ran in a finished trial's process.
+    pids = {json.loads((Path(r["path"]) / "result.json").read_text().splitlines()[0])["pid"]
+            for r in summary_records(experiment)}
+    assert len(pids) == 2, pids

@@ -15,8 +15,8 @@ Overrides:
 * ``layers=[1,2,3]`` (required) and ``seeds=[0,1,2]`` (default): the grid.
 * ``ablation.*`` (:class:`AblationOptions`): the metric and mode that pick the best layer,
   the folder (``name``, ``output_dir``), ``max_concurrent`` and ``executor``.
-* ``sweep.{trial_resources,num_workers,verbose,seed,resume_errored,restart_errored}`` pass
-  through to the sweep (the other sweep keys are what makes this an ablation); ``resume=true``.
+* ``sweep.{trial_resources,num_workers,verbose,seed,resume_errored,restart_errored,reuse_actors}``
+  pass through to the sweep (the other sweep keys are what makes this an ablation); ``resume=true``.
 * Everything else is a run-config override.
 
 After the sweep, :func:`~medalign_platform.tune.ablation_report.summarize_ablation` writes
@@ -45,7 +45,9 @@ from .settings import SweepOptions, SweepRequest
 GRID_FILE = "layers_seeds.yaml"        # the grid search space, as the sweep records it
 DEFAULT_SEEDS = [0, 1, 2]
 # sweep.* keys a user may still pass; the others are what makes this an ablation.
-SWEEP_PASSTHROUGH = ("trial_resources", "num_workers", "verbose", "seed", "resume_errored", "restart_errored")
+# reuse_actors is allowed here, unlike in an ASHA sweep: the grid never stops a trial early.
+SWEEP_PASSTHROUGH = ("trial_resources", "num_workers", "verbose", "seed", "resume_errored", "restart_errored",
+                     "reuse_actors")
 
 
 @dataclass
