@@ -215,3 +215,11 @@ def kill_tree(proc: subprocess.Popen) -> None:
             pass
     proc.wait(timeout=60)
     psutil.wait_procs(descendants, timeout=30)
+
+
+def trial_pids(records: list[dict]) -> set[int]:
+    """The processes the trials of a sweep ran in (Tune's ``pid`` in each trial's first result row),
+    from the summary's records; fewer than trials means trial actors were reused."""
+    from medalign_platform.tune.result_log import RESULT_FILE
+
+    return {json.loads((Path(r["path"]) / RESULT_FILE).read_text().splitlines()[0])["pid"] for r in records}

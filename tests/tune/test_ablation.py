@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ray_cluster import trial_pids
 from medalign_platform.tune.ablation import (
     ablate_command,
     parse_ablation_args,
@@ -231,7 +232,7 @@ def test_real_ablation_runs_every_cell_and_tables_the_trial_records(real_ablatio
     assert all(r["metrics"]["step"] == MAX_STEPS for r in records)
     # sweep.reuse_actors passed through: later cells ran in earlier cells' actors (2 at a time: 2
     # processes as a rule; fewer than 4 is what reuse guarantees)
-    pids = {json.loads((Path(r["path"]) / "result.json").read_text().splitlines()[0])["pid"] for r in records}
+    pids = trial_pids(records)
     assert len(pids) < 4, pids
     assert result["columns"] == ["val/closed_accuracy", "val/grounding", "val/open_recall", "test/closed_accuracy",
                                  "test/grounding", "test/open_recall"]
