@@ -152,24 +152,42 @@ KILL_TIMEOUT_S = 240
 
 class _StudyPoll:
     """The study's trials, read at each poll through one storage: a new storage per poll (engine,
-    schema check) costs ~80 ms of CPU, a third of a core at 4 polls/s on a 2-core machine."""
+    schema check) costs ~80 ms of CPU, a third of a core at 4 polls/s on a 2-core machine.
 
-    def __init__(self, db: Path):
+    The storage is opened only once the driver's study exists: opening an Optuna storage writes
+    the schema and its version stamp when they are missing, which races the driver doing the
+    same on the new file (the driver then fails on a duplicate ``alembic_version`` row)."""
+
+    def __init__(self, db: Path, study_name: str):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.db, self.storage = db, None
+        self.db, self.study_name, self.storage = db, study_name, None
+
+    def _study_created(self) -> bool:
+        """Read-only: the driver's study row is there (so is everything it wrote before it)."""
+        import contextlib
+        import sqlite3
+
+        if not self.db.is_file():
+            return False
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)) as connection:
+                row = connection.execute("SELECT 1 FROM studies WHERE study_name = ?", (self.study_name,)).fetchone()
+        except sqlite3.Error:  # no schema yet, or the file locked for a moment
+            return False
+        return row is not None
 
     def trials(self):
         import optuna
 
+        if self.storage is None and not self._study_created():
+            return []
         try:
             if self.storage is None:
-                if not self.db.is_file():  # opening a storage would create it (and the sweep's folder)
-                    return []
                 self.storage = optuna.storages.RDBStorage(f"sqlite:///{self.db}")
-            return optuna.load_study(study_name="killed", storage=self.storage).get_trials(deepcopy=False)
-        except Exception:  # noqa: BLE001 - the study not created yet, or the file locked for a moment
+            return optuna.load_study(study_name=self.study_name, storage=self.storage).get_trials(deepcopy=False)
+        except Exception:  # noqa: BLE001 - the file locked for a moment
             return []
 
 
@@ -226,7 +244,7 @@ def _kill_and_resume(root: Path, executor: str):
     proc = subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(overrides)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     before = None
-    study = _StudyPoll(experiment / "optuna.db")
+    study = _StudyPoll(experiment / "optuna.db", "killed")
     try:
         deadline = time.time() + KILL_TIMEOUT_S
         while time.time() < deadline:
