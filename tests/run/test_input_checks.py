@@ -73,6 +73,8 @@ def test_each_bad_train_value_is_one_line_naming_the_key_before_ray(env, capsys,
     (["sweep.metric=test/closed_accuracy"], "selects trials on the test split"),
     (["sweep.metric=test/closed_accuracy", "sweep.allow_test_selection=true"], "ASHA cannot rank trials on it"),
     (["sweep.name=../x"], "sweep.name must be a plain folder name (no '/', '.' or '..'), got '../x'"),
+    (["sweep.executor=train", "ray.include_dashboard=false"],
+     "ray.include_dashboard=false: ASHA early stopping of sweep.executor=train trials needs the Ray state API"),
 ])
 def test_each_bad_sweep_value_is_one_line_before_anything_trains(env, capsys, tmp_path, overrides, message):
     import ray
@@ -88,6 +90,15 @@ def test_test_selection_is_planned_when_explicitly_allowed(env):
     plan, _, _ = prepare_sweep([*FAST, "search=smoke", "sweep.metric=test/closed_accuracy",
                                 "sweep.allow_test_selection=true", "sweep.asha.enabled=false"])
     assert plan.metrics == ["test/closed_accuracy"] and plan.allow_test_selection and not plan.asha_enabled
+
+
+@pytest.mark.parametrize("overrides", [["sweep.executor=train", "sweep.asha.enabled=false"],
+                                       ["sweep.executor=inline"]])
+def test_a_cluster_without_dashboard_is_planned_when_no_train_trial_is_stopped_early(env, overrides):
+    from medalign_platform.tune.driver import prepare_sweep
+
+    plan, _, base = prepare_sweep([*FAST, "search=smoke", "ray.include_dashboard=false", *overrides])
+    assert not base.ray.include_dashboard and plan.executor == overrides[0].split("=")[1]
 
 
 def _copy_split(record: dict, tmp_path: Path, edit) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from ray_cluster import trial_pids
 from medalign_platform.tune.ablation import (
     ablate_command,
@@ -30,7 +31,8 @@ from medalign_platform.tune.search_space import SearchSpaceError, load_search_sp
 
 MAX_STEPS = 4
 TINY = ["experiment=synthmed_vqa", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=4", "trainer.val_size=6",
-        "trainer.test_size=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.max_new_tokens=3"]
+        "trainer.test_size=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.max_new_tokens=3",
+        NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")

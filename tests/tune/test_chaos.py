@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from ray_cluster import kill_tree
 
 pytestmark = pytest.mark.slow
@@ -28,7 +29,7 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STE
          "sweep.asha.enabled=false", "sweep.executor=inline", "sweep.name=chaos",
          # Room for every injected fault to land on one trial: Tune may count one killed trial
          # actor twice (its task and the actor itself fail).
-         "ray.max_failures=4"]
+         "ray.max_failures=4", NO_RAY_DASHBOARD]
 PHASE_TIMEOUT_S = 600
 
 

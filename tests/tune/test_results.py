@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from medalign_platform.common.errors import ConfigError
 
 METRIC = "val/grounding"  # varies between trials of an untrained tiny model (closed accuracy ties at 0)
@@ -18,7 +19,7 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STE
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.executor=inline", "sweep.num_samples=4", "sweep.max_concurrent=2",
          "sweep.seed=0", f"sweep.metric={METRIC}", "sweep.asha.grace_period=2", "sweep.verbose=0",
-         "sweep.name=board"]
+         "sweep.name=board", NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from ray_cluster import kill_tree, trial_pids
 from medalign_platform.common.errors import ConfigError
 from medalign_platform.tune.search_space import SearchSpaceError, load_search_space
@@ -364,7 +365,7 @@ def inline_multi_objective(tmp_path_factory):
     root = tmp_path_factory.mktemp("inline")
     kept = [o for o in SWEEP if not o.startswith(("sweep.name=", "sweep.asha."))]
     overrides = [*kept, "sweep.name=pareto", f"sweep.output_dir={root / 'sweeps'}", "sweep.executor=inline",
-                 "sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.sampler=nsga2",
+                 "sweep.metrics=[val/closed_accuracy,val/grounding]", "sweep.sampler=nsga2", NO_RAY_DASHBOARD,
                  # Actor reuse (no ASHA here; the ablation test checks it on a grid): one trial-actor
                  # start (imports, ~8 s of CPU) fewer.
                  "sweep.reuse_actors=true"]

@@ -31,13 +31,15 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 
 from medalign_platform.cli import main
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["experiment=synthmed_vqa", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.val_size=4",
-         "trainer.test_size=4", "trainer.batch_size=4", "trainer.max_new_tokens=2", "trainer.log_every=1"]
+         "trainer.test_size=4", "trainer.batch_size=4", "trainer.max_new_tokens=2", "trainer.log_every=1",
+         NO_RAY_DASHBOARD]
 ERR_SWEEP = [*STEPS, "search=smoke", "sweep.num_samples=1", "sweep.seed=0", "ray.max_failures=0", "sweep.name=err"]
 NOISE = ("Checkpoint successfully created", "FutureWarning", "Loading weights", "Tuner.restore", "Trial status:",
          "_sweep/executor", "Trial task failed", "tensorboard --logdir /tmp", "Configuration for experiment")

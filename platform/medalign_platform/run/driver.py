@@ -77,8 +77,10 @@ def ensure_ray(settings: RunSettings, quiet: bool = False) -> None:
         runtime_env: dict = {"env_vars": env_vars}
         if quiet:
             runtime_env["worker_process_setup_hook"] = "medalign_platform.common.console.quiet_ray_worker"
+        # Passed only to turn it off: Ray's default (None) starts it and tolerates its failure.
+        options = {} if settings.ray.include_dashboard else {"include_dashboard": False}  # ignored when joining
         with loopback_cluster(address):  # a cluster of our own serves nothing to other machines
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=True, configure_logging=False, **options)
 
 
 def _job_env_vars() -> dict:

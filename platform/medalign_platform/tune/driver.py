@@ -88,7 +88,25 @@ def prepare_sweep(request: SweepRequest | Sequence[str], base=None):
     space.validate(base)
     plan = resolve_plan(request, base, space)
     _refuse_trials_that_cannot_fit(base, plan)
+    _refuse_asha_without_state_api(base, plan)
     return plan, space, base
+
+
+ASHA_NEEDS_STATE_API = ("ASHA early stopping of sweep.executor=train trials needs the Ray state API (the dashboard): "
+                        "Ray Train's PlacementGroupCleaner uses it to free the workers of a trial that Tune stops, and "
+                        "without it the next trials wait forever for CPUs.")
+
+
+def _refuse_asha_without_state_api(base, plan: SweepPlan) -> None:
+    """A local cluster started with ``ray.include_dashboard=false`` has no state API: refused here,
+    before Ray starts (a joined cluster is checked once connected, in :func:`_launch`)."""
+    from ..run.cluster import ray_init_address
+    from ..run.network import starts_local_cluster
+
+    if (plan.executor == "train" and plan.asha_enabled and not base.ray.include_dashboard
+            and starts_local_cluster(ray_init_address(base.ray.address)[0])):
+        raise ConfigError(f"ray.include_dashboard=false: {ASHA_NEEDS_STATE_API} Drop ray.include_dashboard=false "
+                          f"or pass sweep.asha.enabled=false")
 
 
 def _refuse_trials_that_cannot_fit(base, plan: SweepPlan) -> None:
@@ -228,11 +246,8 @@ def _launch(plan: SweepPlan, space: SearchSpace, base, base_config: dict, restor
     concurrency = (_cap_concurrency(plan, base.ray.address) if plan.executor == "train"
                    else plan.max_concurrent)  # inline trials hold their resources: Tune schedules them
     if plan.executor == "train" and plan.asha_enabled and not _state_api_available():
-        raise ConfigError(
-            "ASHA early stopping needs the Ray state API (the dashboard): Ray Train's PlacementGroupCleaner uses it "
-            "to free the workers of a trial that Tune stops, and without it the next trials wait forever for CPUs. "
-            "Start Ray with its dashboard (the default of `medalign sweep`), or pass sweep.asha.enabled=false"
-        )
+        raise ConfigError(f"{ASHA_NEEDS_STATE_API} Start the cluster with its dashboard (`ray start` and "
+                          f"ray.include_dashboard do by default), or pass sweep.asha.enabled=false")
     if plan.multi_objective and plan.asha.get("enabled", True):
         logger.warning("multi-objective sweep (%s): ASHA early stopping is off, since it ranks trials on one "
                        "metric; every trial runs to trainer.max_steps", plan.metrics)
