@@ -94,7 +94,8 @@ def test_null_address_starts_a_local_cluster_and_impossible_resources_are_refuse
     root, stale, _ = cluster_env
     started = time.monotonic()
     status = main(["sweep", *STEPS, "search=smoke", "sweep.num_samples=1", f"sweep.output_dir={root / 'sweeps'}",
-                   "sweep.name=gpu", "sweep.trial_resources={CPU: 1, GPU: 1}"])
+                   "sweep.name=gpu", "sweep.trial_resources={CPU: 1, GPU: 1}",
+                   "sweep.asha.enabled=false"])  # GPU trials run on Ray Train: ASHA would need Ray's dashboard
     err = capsys.readouterr().err
     assert status == 2, err
     assert ray.is_initialized() and stale not in ray.get_runtime_context().gcs_address  # a cluster of our own

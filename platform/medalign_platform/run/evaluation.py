@@ -44,12 +44,21 @@ class TeacherKey:
         prompt = teacher.prompt_identity if getattr(teacher, "has_text", True) else None
         return cls(teacher.identity, tuple(teacher.grid), int(teacher.width), prompt)
 
+    @classmethod
+    def from_fields(cls, fields: dict) -> "TeacherKey":
+        return cls(fields["identity"], tuple(fields["grid"]), int(fields["width"]), fields.get("prompt_identity"))
+
+    def fields(self) -> dict:
+        return {"identity": self.identity, "grid": list(self.grid), "width": self.width,
+                "prompt_identity": self.prompt_identity}
+
 
 class TargetLookup:
     """Maps image files (and, prompt-aware, their questions) to their cached teacher targets.
 
-    The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`);
-    image content hashes are computed once per image; targets are read from the shared
+    The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`), or
+    not at all when the cache has recorded the key for its unchanged files; image content
+    hashes are computed once per image; targets are read from the shared
     :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
     :func:`precompute_targets` on the driver. Data-loader workers use the training
     process's lookup (forked, so the teacher model is shared, not copied). Built from a
@@ -61,19 +70,28 @@ class TargetLookup:
             to load it).
         model: an already loaded teacher (instead of loading ``teacher.name``).
         key: the teacher's key when already known; the teacher is then not loaded up front.
+            Without ``model`` or ``key``, the key recorded in the cache for the teacher's
+            unchanged files is used (:mod:`.teacher_keys`), else the teacher is loaded and
+            its key recorded there.
     """
 
     def __init__(self, teacher: TeacherSettings, model=None, *, key: TeacherKey | None = None):
         from ..core.target_cache import TargetCache
+        from .teacher_keys import remember_key, remembered_key
 
         self.settings = teacher
         self.mode = teacher.attention
         self.cache = TargetCache(teacher.cache_dir)
         self._model = model
+        if key is None and model is None:
+            fields = remembered_key(teacher.cache_dir, teacher.name, teacher.pretrained)
+            key = TeacherKey.from_fields(fields) if fields else None
         if key is None:
             if self._model is None:
                 self._model = self._load()
             key = TeacherKey.of(self._model)
+            if model is None:
+                remember_key(teacher.cache_dir, teacher.name, teacher.pretrained, key.fields())
         self.key = key
         if self.mode == "prompt_aware" and key.prompt_identity is None:
             raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
