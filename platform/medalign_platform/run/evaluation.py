@@ -77,21 +77,24 @@ class TargetLookup:
 
     def __init__(self, teacher: TeacherSettings, model=None, *, key: TeacherKey | None = None):
         from ..core.target_cache import TargetCache
-        from .teacher_keys import remember_key, remembered_key
+        from .teacher_keys import remember_key, remembered_key, signature
 
         self.settings = teacher
         self.mode = teacher.attention
         self.cache = TargetCache(teacher.cache_dir)
         self._model = model
         if key is None and model is None:
-            fields = remembered_key(teacher.cache_dir, teacher.name, teacher.pretrained)
-            key = TeacherKey.from_fields(fields) if fields else None
-        if key is None:
-            if self._model is None:
+            # Taken before any load: a record's files are the ones as they were when it was loaded.
+            files_signature = signature(teacher.name, teacher.pretrained)
+            fields = remembered_key(teacher.cache_dir, files_signature)
+            if fields:
+                key = TeacherKey.from_fields(fields)
+            else:
                 self._model = self._load()
-            key = TeacherKey.of(self._model)
-            if model is None:
-                remember_key(teacher.cache_dir, teacher.name, teacher.pretrained, key.fields())
+                key = TeacherKey.of(self._model)
+                remember_key(teacher.cache_dir, files_signature, key.fields())
+        elif key is None:
+            key = TeacherKey.of(model)
         self.key = key
         if self.mode == "prompt_aware" and key.prompt_identity is None:
             raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "

@@ -27,13 +27,14 @@ from pathlib import Path
 from ..common.atomic import write_json_atomic
 
 KEYS_FILE = "teacher_keys.json"
-_LOCAL_PREFIXES = ("local-dir:", "hf-clip:")
 _LIBRARIES = ("torch", "open_clip_torch", "transformers")
 
 
 def teacher_files(name: str | None, pretrained: str | None) -> list[Path] | None:
     """The local files the teacher is built from, or None when it is not (only) local files."""
-    for prefix in _LOCAL_PREFIXES:
+    from ..core.teacher import HF_CLIP_PREFIX
+
+    for prefix in ("local-dir:", HF_CLIP_PREFIX):
         if (name or "").startswith(prefix):
             root = Path(name[len(prefix):]).expanduser()
             return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else None
@@ -69,21 +70,19 @@ def _read(cache_dir: str | os.PathLike) -> dict:
     return keys if isinstance(keys, dict) else {}
 
 
-def remembered_key(cache_dir: str | os.PathLike, name: str | None, pretrained: str | None) -> dict | None:
-    """The recorded key fields (``identity``, ``grid``, ``width``, ``prompt_identity``) of this
-    teacher as its files are now, or None."""
-    sig = signature(name, pretrained)
+def remembered_key(cache_dir: str | os.PathLike, sig: str | None) -> dict | None:
+    """The key fields (``identity``, ``grid``, ``width``, ``prompt_identity``) recorded under the
+    teacher's :func:`signature`, or None."""
     entry = _read(cache_dir).get(sig) if sig else None
     return entry if isinstance(entry, dict) and {"identity", "grid", "width"} <= entry.keys() else None
 
 
-def remember_key(cache_dir: str | os.PathLike, name: str | None, pretrained: str | None, fields: dict) -> None:
-    """Records ``fields`` (the key just computed by loading the teacher) under its signature.
+def remember_key(cache_dir: str | os.PathLike, sig: str | None, fields: dict) -> None:
+    """Records ``fields`` (the key just computed by loading the teacher) under its :func:`signature`.
 
     Written atomically; two processes recording at once may keep only one entry, which costs
     the other teacher a load later, never a wrong key.
     """
-    sig = signature(name, pretrained)
     if not sig:
         return
     keys = _read(cache_dir)
