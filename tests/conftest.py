@@ -15,12 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Every Ray node started here (ray.init, `ray start`) skips Ray's prestarted idle workers: one
 # Python process per CPU that never runs a task here, since the platform's tasks carry a
-# runtime env of their own (measured: 1.4-1.7 s of CPU per cluster start on this machine).
+# runtime env of their own (benchmarks/ray_cluster_cost.py: within the noise alone, 0.8 s of CPU
+# per cluster start without the dashboard).
 os.environ.setdefault("RAY_enable_worker_prestart", "0")
 os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 
 # For runs and sweeps on a local cluster of their own whose test reads nothing from Ray's
-# dashboard: it is a process tree of its own, ~4.5 s of CPU per start here. The default
+# dashboard: it is a process tree of its own, ~2.6 s of CPU per start here. The default
 # (the dashboard on) is covered by test_shared_storage's killed sweep, whose cluster's
 # dashboard agent must listen on loopback.
 NO_RAY_DASHBOARD = "ray.include_dashboard=false"

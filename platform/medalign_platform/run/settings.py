@@ -125,8 +125,8 @@ class RaySettings(Settings):
     section: ClassVar[str] = "ray"
 
     address: str | None = setting(None, "null: start or join a local cluster; 'auto' or ray://... to join one.")
-    # Ray's dashboard is a head process with 9 module processes: measured on a 2-core machine,
-    # ~4.5 s more CPU to start and ~1.5x the idle CPU of a cluster without it (docs/run.md).
+    # Ray's dashboard is a head process with 9 module processes: ~2.6 s more CPU per cluster
+    # start on a 2-core machine (benchmarks/ray_cluster_cost.py, docs/run.md).
     include_dashboard: bool = setting(True, "Start Ray's dashboard (jobs, actors, Train runs; port 8265) with a "
                                             "local cluster the platform starts; ignored when joining a cluster.")
     num_workers: int = setting(1, "Data-parallel workers (DDP: gloo on CPU, NCCL on GPU).", ge=1)

@@ -2,8 +2,8 @@
 without loading the teacher.
 
 A teacher's cache key (:class:`~medalign_platform.run.evaluation.TeacherKey`) is a
-fingerprint of its weights, so computing it means loading the teacher: for open_clip's
-ViT-L-14 that is ~6.6 s and 2.5 GB of memory, paid by the driver and again by every trial
+fingerprint of its weights, so computing it means loading the teacher (for a large teacher,
+seconds and gigabytes of memory), paid by the driver and again by every trial
 process and Ray Train worker, although the driver has already filled the cache. The key is
 therefore recorded once in ``<cache_dir>/teacher_keys.json`` under a signature of what it was
 computed from: the teacher's name, the size and modification time of each of its local files,
