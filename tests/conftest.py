@@ -33,7 +33,7 @@ HEAVY_FIRST = [
     "tune/test_sweep.py", "synthmed/test_expert_clip.py", "synthmed/test_base_lvlm.py", "tune/test_chaos.py",
     "run/test_real_models_e2e.py", "tune/test_sweep_outcomes.py", "benchmarks/test_gpu_check.py",
     "run/test_ray_train.py", "run/test_pipeline_in_ray.py", "tune/test_multinode.py", "tune/test_shared_storage.py",
-    "tune/test_job_submit.py", "run/test_real_data_train.py", "run/test_acceleration.py", "tune/test_results.py",
+    "run/test_real_data_train.py", "run/test_acceleration.py", "tune/test_results.py",
     "run/test_remote_run.py", "tune/test_ablation.py",
 ]
 
