@@ -26,15 +26,18 @@ os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
 # dashboard agent must listen on loopback.
 NO_RAY_DASHBOARD = "ray.include_dashboard=false"
 
-# The heaviest test modules (seconds measured with --durations on this 2-core machine), run
-# first: with `pytest -n 2 --dist loadfile` (make test) each module stays on one worker, and
-# starting the long ones first keeps one worker from being left with them at the end.
+# The heaviest test modules (seconds of one pytest worker, measured with --durations=0 on this
+# 2-core machine), run first: with `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make
+# test) each module stays on one worker, and starting the long ones first keeps one worker from
+# being left alone with one at the end. Without --no-loadscope-reorder xdist ignores this order
+# and hands out the modules with the most tests first.
 HEAVY_FIRST = [
-    "tune/test_sweep.py", "synthmed/test_expert_clip.py", "synthmed/test_base_lvlm.py", "tune/test_chaos.py",
-    "run/test_real_models_e2e.py", "tune/test_sweep_outcomes.py", "benchmarks/test_gpu_check.py",
-    "run/test_ray_train.py", "run/test_pipeline_in_ray.py", "tune/test_multinode.py", "tune/test_shared_storage.py",
-    "run/test_real_data_train.py", "run/test_acceleration.py", "tune/test_results.py",
-    "run/test_remote_run.py", "tune/test_ablation.py",
+    "synthmed/test_expert_clip.py", "tune/test_sweep.py", "tune/test_chaos.py", "synthmed/test_base_lvlm.py",
+    "tune/test_sweep_outcomes.py", "run/test_real_models_e2e.py", "benchmarks/test_gpu_check.py",
+    "tune/test_multinode.py", "tune/test_shared_storage.py", "run/test_ray_train.py", "tune/test_results.py",
+    "run/test_pipeline_in_ray.py", "run/test_acceleration.py", "run/test_remote_run.py", "tune/test_ablation.py",
+    "run/test_real_data_train.py", "run/test_preflight.py", "run/test_network.py", "benchmarks/test_loop_bench.py",
+    "benchmarks/test_step_bench.py",
 ]
 
 
