@@ -57,6 +57,11 @@ def measure(dashboard: bool, extra: dict, idle: float) -> tuple[float, float]:
         return machine_cpu_s() - cpu, time.monotonic() - wall
 
 
+def spread(values: list[float]) -> float:
+    """Sample standard deviation (0 for a single value)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -73,7 +78,6 @@ def main() -> None:
     print(f"{'variant':24s} {'start+shutdown CPU s':>22s} {'x default':>10s} {'idle cores':>12s}")
     for name, row in results.items():
         start, idle = row["start"], row["idle"]
-        spread = lambda values: statistics.stdev(values) if len(values) > 1 else 0.0
         print(f"{name:24s} {statistics.mean(start):14.1f} ± {spread(start):4.1f} {statistics.mean(start) / base:10.2f} "
               f"{statistics.mean(idle):8.3f} ± {spread(idle):.3f}")
 

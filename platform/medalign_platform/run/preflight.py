@@ -124,9 +124,11 @@ def teacher_layout(teacher: dict) -> dict:
     Raises:
         ConfigError: a missing file, or a config that is not in the local cache.
     """
+    from ..core.teacher import HF_CLIP_PREFIX, LOCAL_DIR_PREFIX
+
     name = str(teacher.get("name") or "")
-    if name.startswith("hf-clip:"):
-        source = name[len("hf-clip:"):]
+    if name.startswith(HF_CLIP_PREFIX):
+        source = name[len(HF_CLIP_PREFIX):]
         local = Path(source).expanduser() / "config.json"
         path = local if local.is_file() else _hub_file(source, "config.json")
         if path is None:
@@ -136,8 +138,8 @@ def teacher_layout(teacher: dict) -> dict:
         side = int(vision["image_size"]) // int(vision["patch_size"])
         return {"kind": "transformers CLIPModel", "grid": (side, side), "width": int(vision["hidden_size"]),
                 "params": None, "has_text": True, "source": str(path)}
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+    if name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser() / "open_clip_config.json"
         if not path.is_file():
             raise ConfigError(f"teacher.name={name}: {path} does not exist")
         config = json.loads(path.read_text())

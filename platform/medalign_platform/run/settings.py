@@ -251,13 +251,15 @@ class RunSettings:
         for key in ("name", "cache_dir"):
             if not getattr(self.teacher, key):
                 raise ConfigError(f"teacher.{key} is not set; choose a teacher preset (teacher=...) or set it")
+        from ..core.teacher import HF_CLIP_PREFIX, LOCAL_DIR_PREFIX
+
         name = str(self.teacher.name)
-        if name.startswith("hf-clip:") and name[len("hf-clip:"):].startswith(("/", ".", "~")):
-            folder = Path(name[len("hf-clip:"):]).expanduser()
+        if name.startswith(HF_CLIP_PREFIX) and name[len(HF_CLIP_PREFIX):].startswith(("/", ".", "~")):
+            folder = Path(name[len(HF_CLIP_PREFIX):]).expanduser()
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"teacher.name={name!r}: no config.json there; point it at a transformers CLIPModel "
                                   "folder (e.g. PubMedCLIP downloaded)")
-        if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
+        if name.startswith(LOCAL_DIR_PREFIX) and not (Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json").is_file():
             raise ConfigError(f"teacher.name={name!r}: no open_clip_config.json there; run `medalign prepare` "
                               "or point it at an open_clip local-dir export")
         if self.teacher.pretrained and not Path(self.teacher.pretrained).is_file():

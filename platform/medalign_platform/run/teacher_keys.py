@@ -32,9 +32,9 @@ _LIBRARIES = ("torch", "open_clip_torch", "transformers")
 
 def teacher_files(name: str | None, pretrained: str | None) -> list[Path] | None:
     """The local files the teacher is built from, or None when it is not (only) local files."""
-    from ..core.teacher import HF_CLIP_PREFIX
+    from ..core.teacher import HF_CLIP_PREFIX, LOCAL_DIR_PREFIX
 
-    for prefix in ("local-dir:", HF_CLIP_PREFIX):
+    for prefix in (LOCAL_DIR_PREFIX, HF_CLIP_PREFIX):
         if (name or "").startswith(prefix):
             root = Path(name[len(prefix):]).expanduser()
             return sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else None
