@@ -52,8 +52,9 @@ system-deps:
 
 # Two pytest workers (pytest-xdist), each test module on one worker, the heaviest modules first
 # (tests/conftest.py; --no-loadscope-reorder keeps that order: by default xdist 3.8 hands out the
-# modules with the most tests first, which left a 150 s module running alone at the end): much of the suite waits on Ray, subprocesses or one-threaded training, so
-# two at a time fill two cores. One intra-op thread per process: two processes with two OpenMP
+# modules with the most tests first, which left a 150 s module running alone at the end): much
+# of the suite waits on Ray, subprocesses or one-threaded training, so two at a time fill two
+# cores. One intra-op thread per process: two processes with two OpenMP
 # threads each on two cores spin-wait on each other (a 5x slower step, docs/performance.md).
 # The package is byte-compiled first: every Ray worker, trial actor and `medalign` subprocess the
 # tests start imports it, and with PYTHONDONTWRITEBYTECODE set (as on this image) each would

@@ -47,7 +47,7 @@ __all__ = ["ExpertTeacher", "TeacherOutputs", "load_teacher", "HF_CLIP_PREFIX", 
 
 #: ``teacher.name`` prefix of a transformers ``CLIPModel`` teacher (PubMedCLIP).
 HF_CLIP_PREFIX = "hf-clip:"
-# open_clip's own schema for an exported folder (open_clip_config.json + weights).
+#: ``teacher.name`` prefix of an open_clip export folder (open_clip_config.json + weights): open_clip's own schema.
 LOCAL_DIR_PREFIX = "local-dir:"
 
 # Part of every teacher identity: bump it when the target definition changes so caches
