@@ -50,8 +50,19 @@ system-deps:
 		echo "make system-deps: missing$$missing (Debian: sudo apt-get install$$missing); the tests that need them skip"; \
 	fi
 
+# Two pytest workers (pytest-xdist), each test module on one worker, the heaviest modules first
+# (tests/conftest.py; --no-loadscope-reorder keeps that order: by default xdist 3.8 hands out the
+# modules with the most tests first, which left a 150 s module running alone at the end): much
+# of the suite waits on Ray, subprocesses or one-threaded training, so two at a time fill two
+# cores. One intra-op thread per process: two processes with two OpenMP
+# threads each on two cores spin-wait on each other (a 5x slower step, docs/performance.md).
+# The package is byte-compiled first: every Ray worker, trial actor and `medalign` subprocess the
+# tests start imports it, and with PYTHONDONTWRITEBYTECODE set (as on this image) each would
+# compile it again (~0.3 s of CPU per process).
+TEST_WORKERS ?= 2
 test: $(STAMP) system-deps
-	HF_HUB_OFFLINE=1 $(PY) -m pytest
+	$(PY) -m compileall -q platform
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=25
 
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not slow"

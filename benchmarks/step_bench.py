@@ -5,7 +5,8 @@ ONE randomly initialised LLaVA-style model in ONE process:
 
 1. ``plain``    -- plain LoRA: SDPA attention, labels -> LM loss only, no hooks.
 2. ``medalign`` -- the same model and batch through :class:`MedAlignObjective`: SDPA
-   everywhere plus the layer-L forward hooks and the one-layer q/k recompute, with random
+   everywhere plus the layer-L forward hooks (block L's text-query attention formed from the
+   q/k projections of the forward itself), with random
    native-grid teacher targets formed into Gram/attention targets on the fly.
 3. ``original`` -- how the original code obtains the same quantities: batch 1, eager
    attention, ``output_attentions=True`` and ``output_hidden_states=True``, losses from
@@ -47,6 +48,8 @@ try:
     import medalign_platform  # noqa: F401
 except ImportError:  # running from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
+if str(Path(__file__).resolve().parent) not in sys.path:  # flops.py beside this file
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from medalign_platform.core.losses import (  # noqa: E402
     attention_distillation_loss,
@@ -392,6 +395,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lora-rank", type=int, default=64)
     parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for plain and MedAlign")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend (default inductor)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak for MFU (default 989.4, the H200's bf16, on a GPU; none on the CPU)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -467,6 +473,11 @@ def report(results: dict) -> str:
             met = results["targets_met"][key]
             verdict = "n/a" if met is None else ("MET" if met else "NOT MET")
         lines.append(f"{label:<30} {_fmt(value, '.3f') + (unit if value is not None else ''):>8}   method.md target {target:<7} {verdict}")
+    mfus = ", ".join(f"{name} {_fmt(row.get('tflops'), '.2f')} TFLOP/s"
+                     + (f" = {row['mfu']:.1%} MFU" if row.get("mfu") is not None else "")
+                     for name, row in results["variants"].items() if not row["error"])
+    lines.append(f"model FLOPs: {meta['flops_per_sample'] / 1e12:.3f} TFLOP/sample (benchmarks/flops.py); {mfus}"
+                 + (f" of {meta['peak_tflops']:.1f} peak" if meta["peak_tflops"] else ""))
     if meta["device"] == "cpu":
         lines.append("peak memory: n/a on CPU (no per-step allocator peak to read; measure on a GPU)")
     lines.append(
@@ -500,7 +511,7 @@ def run(args: argparse.Namespace) -> dict:
     seq_len = grid[0] * grid[1] + args.seq_text
     batch = make_batch(model, args.batch, args.seq_text, device, dtype, seed=args.seed)
     teacher = random_teacher(args.batch, shape, device, seed=args.seed + 1)
-    runner = torch.compile(model) if args.compile else model
+    runner = torch.compile(model, backend=args.compile_backend) if args.compile else model
 
     def plain_step():
         output = runner(**batch)
@@ -574,6 +585,15 @@ def run(args: argparse.Namespace) -> dict:
         records.append(original)
 
     variants = {record.name: summarise(record) for record in records}
+    import flops
+
+    sample = flops.sample_flops(model, seq_len)
+    peak = args.peak_tflops if args.peak_tflops is not None else (
+        flops.H200_BF16_DENSE_TFLOPS if device.type == "cuda" else None)
+    for row in variants.values():
+        rate = row["tokens_per_s"] / seq_len if row["tokens_per_s"] else None
+        row["tflops"] = sample["total"] * rate / 1e12 if rate else None
+        row["mfu"] = flops.mfu(sample["total"], rate, peak)
     ratios = compute_ratios(variants)
     judged = device.type == "cuda" and args.size == "7b"
     targets_met = {
@@ -608,6 +628,10 @@ def run(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "lambda_align": settings.lambda_align,
         "lambda_attn": settings.lambda_attn,
+        "compile_backend": args.compile_backend if args.compile else None,
+        "flops_per_sample": sample["total"],
+        "flops_params": sample["params"],
+        "peak_tflops": peak,
     }
     return {
         "meta": meta,

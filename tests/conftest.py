@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -12,6 +13,44 @@ from PIL import Image
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray node started here (ray.init, `ray start`) skips Ray's prestarted idle workers: one
+# Python process per CPU that never runs a task here, since the platform's tasks carry a
+# runtime env of their own (benchmarks/ray_cluster_cost.py: within the noise alone, 0.8 s of CPU
+# per cluster start without the dashboard).
+os.environ.setdefault("RAY_enable_worker_prestart", "0")
+os.environ.setdefault("RAY_prestart_worker_first_driver", "0")
+
+# For runs and sweeps on a local cluster of their own whose test reads nothing from Ray's
+# dashboard: it is a process tree of its own, ~2.6 s of CPU per start here. The default
+# (the dashboard on) is covered by test_shared_storage's killed sweep, whose cluster's
+# dashboard agent must listen on loopback.
+NO_RAY_DASHBOARD = "ray.include_dashboard=false"
+
+# The heaviest test modules (seconds of one pytest worker, measured with --durations=0 on this
+# 2-core machine), run first: with `pytest -n 2 --dist loadfile --no-loadscope-reorder` (make
+# test) each module stays on one worker, and starting the long ones first keeps one worker from
+# being left alone with one at the end. Without --no-loadscope-reorder xdist ignores this order
+# and hands out the modules with the most tests first.
+HEAVY_FIRST = [
+    "synthmed/test_expert_clip.py", "tune/test_sweep.py", "tune/test_chaos.py", "synthmed/test_base_lvlm.py",
+    "tune/test_sweep_outcomes.py", "run/test_real_models_e2e.py", "benchmarks/test_gpu_check.py",
+    "tune/test_multinode.py", "tune/test_shared_storage.py", "run/test_ray_train.py", "tune/test_results.py",
+    "run/test_pipeline_in_ray.py", "run/test_acceleration.py", "run/test_remote_run.py", "tune/test_ablation.py",
+    "run/test_real_data_train.py", "run/test_preflight.py", "run/test_network.py", "benchmarks/test_loop_bench.py",
+    "benchmarks/test_step_bench.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Heaviest modules first (stable: the order inside a module and among the rest is kept)."""
+    rank = {name: index for index, name in enumerate(HEAVY_FIRST)}
+
+    def key(item):
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        return rank.get(path, len(rank))
+
+    items[:] = sorted(items, key=key)
+
 
 PROMPTS = [
     ("is there a lesion ?", "yes"),
@@ -96,3 +135,21 @@ def postgres():
                     "(Debian: apt-get install postgresql)")
     with postgres_server() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def stub_config(tmp_path_factory):
+    """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
+    from medalign_platform.run.compose import compose_config
+
+    cache = tmp_path_factory.mktemp("stub_cache")
+    root = cache / "synthmed"
+    root.mkdir()
+    (root / "prepared.json").write_text(json.dumps({k: str(root / k) for k in ("data", "teacher", "student")}
+                                                   | {"cache": str(root)}))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDALIGN_CACHE", str(cache))
+    try:
+        yield compose_config(["experiment=synthmed_vqa", "trainer.max_steps=40", "trainer.eval_every=10"])
+    finally:
+        patch.undo()

@@ -195,3 +195,31 @@ def is_loopback(ip: str) -> bool:
     address = ipaddress.ip_address(ip)
     mapped = getattr(address, "ipv4_mapped", None)
     return (mapped or address).is_loopback
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILLs a driver's process group, then any of its descendants that left the group.
+
+    Ray's workers may live in other process groups: they are killed at once too, or a trial
+    keeps training (and checkpointing) while the test waits, and is no longer "killed mid-run".
+    """
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for process in descendants:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait(timeout=60)
+    psutil.wait_procs(descendants, timeout=30)
+
+
+def trial_pids(records: list[dict]) -> set[int]:
+    """The processes the trials of a sweep ran in (Tune's ``pid`` in each trial's first result row),
+    from the summary's records; fewer than trials means trial actors were reused."""
+    from medalign_platform.tune.result_log import RESULT_FILE
+
+    return {json.loads((Path(r["path"]) / RESULT_FILE).read_text().splitlines()[0])["pid"] for r in records}

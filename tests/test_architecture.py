@@ -93,3 +93,16 @@ def test_every_section_has_help_for_every_key(section):
 
     rows = _SECTIONS[section].describe()
     assert rows and all(row["help"] for row in rows), [row["key"] for row in rows if not row["help"]]
+
+
+def test_the_heaviest_test_modules_exist_and_make_test_keeps_their_order():
+    """``HEAVY_FIRST`` (tests/conftest.py) names real modules, and ``make test`` tells xdist to keep
+    the collection order: by default it hands out the modules with the most tests first."""
+    from conftest import HEAVY_FIRST
+
+    assert [name for name in HEAVY_FIRST if not (ROOT / "tests" / name).is_file()] == []
+    assert len(set(HEAVY_FIRST)) == len(HEAVY_FIRST)
+    makefile = (ROOT / "Makefile").read_text().splitlines()
+    recipe = makefile[makefile.index(next(line for line in makefile if line.startswith("test:"))) + 1:]
+    pytest_line = next(line for line in recipe if " -m pytest " in line)
+    assert "--dist loadfile" in pytest_line and "--no-loadscope-reorder" in pytest_line, pytest_line

@@ -5,9 +5,15 @@ Every subcommand takes Hydra-style ``key=value`` overrides, parsed once by
 (``medalign sweep experiment=synthmed_vqa trainer.max_steps=50``). Configs are resolved
 here, on the driver; Ray workers only ever receive plain dicts. ``python -m
 medalign_platform ...`` is the same program, so ``ray job submit -- python -m
-medalign_platform sweep ...`` works unchanged. Errors caused by input (any
-:class:`~medalign_platform.common.errors.MedAlignError`) print as one line naming the fix,
-with exit status 2.
+medalign_platform sweep ...`` works unchanged.
+
+Every error prints as one line (:func:`~medalign_platform.common.errors.one_line`): input
+errors (any :class:`~medalign_platform.common.errors.MedAlignError`, also when a Ray worker
+raised it) name the key or file and the fix, exit status 2; a full disk or a permission
+names the path, status 1; anything else is an internal error, status 1. ``--debug`` (anywhere
+on the command line) adds the traceback. Ctrl-C exits with 130. ``medalign sweep`` returns
+its own statuses (:mod:`medalign_platform.tune.outcome`): 0 complete, 1 trials errored,
+3 unfinished trials, 130/143 interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from . import __version__
-from .common.errors import MedAlignError
+from .common.errors import one_line
 from .common.overrides import as_tree, parse_overrides
 
 
@@ -93,15 +100,9 @@ def _tensorboard_hint(result: dict) -> str:
 
 
 def _sweep(args) -> int:
-    from .tune.driver import run_sweep
-    from .tune.results import status_report, write_results
+    from .tune.outcome import sweep_command
 
-    summary = run_sweep(args.overrides)
-    experiment_dir = summary["experiment_dir"]
-    print(f"medalign sweep: {summary['num_trials']} trials {summary['trials']} in {summary['wall_s']:.0f} s; "
-          f"early stopping: {summary['early_stopping']}; summary: {experiment_dir}/summary.json", file=sys.stderr)
-    print(status_report(write_results(experiment_dir), 10))
-    return 0
+    return sweep_command(args.overrides)
 
 
 def _ablate_layers(args) -> int:
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "and sweep it with Ray Tune + Optuna.",
     )
     parser.add_argument("--version", action="version", version=f"medalign-platform {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error (accepted anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (help_text, _, usage) in SUBCOMMANDS.items():
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -211,16 +214,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     help_text, handler, usage = SUBCOMMANDS[args.command]
     if usage is not None and not args.path:
         raise SystemExit(f"usage: {usage}")
     try:
         parse_overrides(getattr(args, "overrides", []))  # reject malformed overrides before anything else
         return handler(args)
-    except (MedAlignError, FileNotFoundError) as error:
-        print(f"medalign {args.command}: {error}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        if debug:
+            traceback.print_exc()
+        print(f"medalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the one place every error becomes one line
+        if debug:
+            traceback.print_exc()
+        line, status = one_line(error)
+        print(f"medalign {args.command}: {line}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

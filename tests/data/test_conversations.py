@@ -111,7 +111,7 @@ def test_each_bad_record_raises_a_dataset_error_naming_file_record_and_fix(synth
     bad = _bad_cases(synth, tmp_path)[case]
     path = _dataset_with(synth, tmp_path, bad)
     with pytest.raises(DatasetError) as info:
-        load_conversation_dataset(path)
+        load_conversation_dataset(path, image_root=synth)  # the good images live there, the bad ones beside the JSON
     message = str(info.value)
     assert isinstance(info.value, ValueError)
     assert str(path) in message and "record 2" in message and "id='bad'" in message and "Fix:" in message
@@ -123,7 +123,7 @@ def test_truncated_png_is_caught_even_when_pil_is_told_to_load_truncated_images(
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     path = _dataset_with(synth, tmp_path, _bad_cases(synth, tmp_path)["truncated png"])
     with pytest.raises(DatasetError, match="truncated|unreadable"):
-        load_conversation_dataset(path)
+        load_conversation_dataset(path, image_root=synth)
 
 
 def test_skip_drops_and_counts_bad_records_and_keeps_good_ones(synth, tmp_path):
@@ -135,7 +135,7 @@ def test_skip_drops_and_counts_bad_records_and_keeps_good_ones(synth, tmp_path):
         records.append(dict(bad, id=f"bad-{name}"))
     path = _write(tmp_path / "mixed.json", records)
     with pytest.warns(DatasetWarning, match=f"skipped {len(cases)} of {len(records)} records"):
-        ds = load_conversation_dataset(path, on_error="skip")
+        ds = load_conversation_dataset(path, image_root=synth, on_error="skip")
     assert len(ds) == len(cases) and [item.id for item in ds.items] == [f"good{i}" for i in range(len(cases))]
     assert [index for index, _ in ds.skipped] == list(range(1, len(records), 2))
     for (_, reason), name in zip(ds.skipped, cases):
@@ -143,7 +143,8 @@ def test_skip_drops_and_counts_bad_records_and_keeps_good_ones(synth, tmp_path):
     with pytest.raises(DatasetError, match="none of the"):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DatasetWarning)
-            load_conversation_dataset(_write(tmp_path / "allbad.json", records[1::2]), on_error="skip")
+            load_conversation_dataset(_write(tmp_path / "allbad.json", records[1::2]), image_root=synth,
+                                      on_error="skip")
 
 
 def test_multi_turn_records_yield_one_item_per_question_answer_pair(synth, tmp_path):
@@ -157,7 +158,7 @@ def test_multi_turn_records_yield_one_item_per_question_answer_pair(synth, tmp_p
         {"role": "user", "content": "describe the findings. <image>"},
         {"role": "assistant", "content": "one lesion: a small round bright lesion in the left upper quadrant."},
     ]}
-    ds = load_conversation_dataset(_write(tmp_path / "multi.json", [record]))
+    ds = load_conversation_dataset(_write(tmp_path / "multi.json", [record]), image_root=synth)
     assert len(ds) == 3 and ds.num_records == 1
     items = [ds[i] for i in range(3)]
     assert [it["turn"] for it in items] == [0, 1, 2] and {it["id"] for it in items} == {"multi"}

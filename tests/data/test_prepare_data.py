@@ -22,6 +22,7 @@ from medalign_platform.cli import main
 from medalign_platform.data import prepare as prepare_module
 from medalign_platform.data.adapters.base import RecordRef, Sample
 from medalign_platform.common.errors import ConfigError
+from medalign_platform.data.conversations import DatasetError
 from medalign_platform.data.prepare import PrepareError, carve_val, prepare_dataset
 from medalign_platform.data.settings import DataSettings
 
@@ -144,8 +145,10 @@ def test_llava_json_images_outside_the_folder_are_refused(tmp_path):
 
     write_image(tmp_path / "elsewhere.jpg", seed=3)
     (source / "train.json").write_text(json.dumps(rows))
-    with pytest.raises(PrepareError, match=r"train.json: record 1 \(id='q2'\): image path '../elsewhere.jpg' resolves "
-                                           r"to .*outside the dataset root"):
+    # The conversation loader refuses it before any file is opened (DatasetError, which
+    # PrepareError specialises), naming the JSON file, the record, the path and the fix.
+    with pytest.raises(DatasetError, match=r"train.json: record 1 \(id='q2'[^)]*\): image path "
+                                           r"'.*elsewhere.jpg' leaves the dataset root \([^()]*llava\)\. Fix: "):
         prepare_dataset(settings(source, tmp_path / "cache", name="llava_med"))
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import make_batch
 
 from medalign_platform.core.student import image_token_id, load_student
-from medalign_platform.core.tap import find_visual_positions
+from medalign_platform.core.tap import DistillationTap, find_visual_positions
 from medalign_platform.data.metrics import pointing_hit
 from medalign_platform.run.grounding import AnswerAttentionTap, answer_grounding
 
@@ -32,6 +32,29 @@ def test_answer_rows_equal_eager_attention_of_the_last_prompt_token(tiny_student
         for i in range(len(random_images)):
             expected = probs[i, :, last[i], positions[i]]
             torch.testing.assert_close(rows[i, layer], expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_the_answer_read_leaves_the_distillation_tap_capture_alone(tiny_student_dir, random_images, layer):
+    # Both hook the same block; the answer read's own q/k projections must not be taken for
+    # the block's (the distillation tap hooks the projection modules' calls).
+    model, processor = load_student(tiny_student_dir)
+    batch = make_batch(processor, random_images)
+    distill = DistillationTap(model, layer)
+    with torch.no_grad():
+        model(**batch)
+    alone = distill.pop()
+    answer = AnswerAttentionTap(model)
+    with torch.no_grad():
+        model(**batch)
+    both = distill.pop()
+    rows = answer.pop()
+    answer.remove()
+    distill.remove()
+    assert alone.attention is not None and both.attention is not None
+    torch.testing.assert_close(both.attention, alone.attention)
+    torch.testing.assert_close(both.visual_states, alone.visual_states)
+    assert rows.shape[0] == len(random_images) and torch.isfinite(rows).all()
 
 
 def test_tap_keeps_the_prefill_capture_through_decoding(tiny_student_dir, random_images):

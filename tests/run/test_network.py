@@ -57,3 +57,62 @@ def test_dashboard_on_every_interface_warns_and_prints_a_reachable_url(tmp_path)
                 os.killpg(int(pid), signal.SIGTERM)
             except ProcessLookupError:
                 pass
+
+
+def test_only_a_loopback_address_that_the_outward_address_does_not_answer_is_kept_on_loopback():
+    import socket
+
+    from medalign_platform.run.network import joins_loopback_only_cluster
+
+    with socket.create_server(("127.0.0.1", 0)) as loopback, socket.create_server(("0.0.0.0", 0)) as everywhere:
+        assert joins_loopback_only_cluster(f"127.0.0.1:{loopback.getsockname()[1]}")
+        assert joins_loopback_only_cluster(f"localhost:{loopback.getsockname()[1]}")
+        assert not joins_loopback_only_cluster(f"127.0.0.1:{everywhere.getsockname()[1]}")  # Ray's own case
+    for address in (None, "", "local", "auto", "10.0.0.5:6379", "ray://127.0.0.1:10001", "127.0.0.1"):
+        assert not joins_loopback_only_cluster(address), address
+
+
+CLUSTER = """
+import sys, ray
+from medalign_platform.run.network import loopback_cluster
+with loopback_cluster(None):
+    ray.init(num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+sys.stdin.read()
+"""
+JOIN = """
+import sys, types, ray
+from medalign_platform.run.driver import ensure_ray
+from medalign_platform.run.settings import RaySettings
+ensure_ray(types.SimpleNamespace(ray=RaySettings.from_dict({"address": sys.argv[1]})))  # all ensure_ray reads
+print(ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"], flush=True)
+"""
+
+
+def test_a_second_driver_joins_a_loopback_cluster_of_this_machine_at_once(tmp_path):
+    """``ray.address=127.0.0.1:PORT`` of a cluster a ``medalign`` run started: Ray used to swap in
+    the machine's outward address, where that cluster does not listen, and retry for minutes."""
+    import secrets
+    import tempfile
+
+    (tmp_path / "token").write_text(secrets.token_hex(32))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token"),
+           "RAY_TMPDIR": ray_tmp, "HF_HUB_OFFLINE": "1"}
+    env.pop("RAY_ADDRESS", None)
+    cluster = subprocess.Popen([sys.executable, "-c", CLUSTER], env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=(tmp_path / "cluster.log").open("w"), text=True,
+                               start_new_session=True)
+    try:
+        address = cluster.stdout.readline().strip()
+        assert address.startswith("127.0.0.1:"), (tmp_path / "cluster.log").read_text()[-3000:]
+        joined = subprocess.run([sys.executable, "-c", JOIN, address], env=env, capture_output=True, text=True,
+                                timeout=90)
+        assert joined.returncode == 0, joined.stderr[-3000:]
+        assert joined.stdout.split()[-2:] == [address, "1.0"]
+    finally:
+        cluster.stdin.close()
+        cluster.wait(timeout=60)
+        import shutil
+
+        shutil.rmtree(ray_tmp, ignore_errors=True)

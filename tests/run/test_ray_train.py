@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 import torch
 from synthmed_fixtures import mini_synthmed_env
 
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = ["trainer.max_steps=6", "trainer.eval_every=2", "trainer.batch_size=4", "trainer.val_size=8",
          "trainer.test_size=8", "trainer.log_every=1", "trainer.max_new_tokens=4", "lora.rank=4",
-         "distill.lambda_attn=0.5", "distill.steer.mode=low_rank", "distill.steer.rank=4"]
+         "distill.lambda_attn=0.5", "distill.steer.mode=low_rank", "distill.steer.rank=4", NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from release_fixtures import write_vqa_rad
 
 pytestmark = pytest.mark.slow
@@ -29,6 +30,7 @@ def test_vqa_rad_preset_trains_on_the_release_folder_end_to_end(tmp_path, monkey
         "trainer.max_steps=3", "trainer.batch_size=2", "trainer.grad_accum=1", "trainer.precision=fp32",
         "trainer.eval_every=0", "trainer.max_new_tokens=4", "ray.num_workers=1", "ray.use_gpu=false",
         "ray.resources_per_worker.CPU=1", f"run.output_dir={tmp_path / 'runs'}", "run.name=vqa_rad",
+        NO_RAY_DASHBOARD,
     ]
     try:
         assert main(["train", *overrides]) == 0

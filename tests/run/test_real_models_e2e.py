@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from real_formats import tiny_bert, tiny_biomedclip, tiny_llava_med, tiny_pubmedclip, tiny_unimed_pt
 from synthmed_fixtures import mini_synthmed_env
 
@@ -36,7 +37,7 @@ def test_check_and_train_with_a_converted_llava_med_and_every_teacher_kind(tmp_p
         "model.prompt_template=mistral_instruct", "data.max_length=256", "distill.layer=2", "trainer.max_steps=2",
         "trainer.batch_size=4", "trainer.eval_every=0", "trainer.val_size=4", "trainer.test_size=4",
         "trainer.eval_batch_size=4", "trainer.max_new_tokens=2", "trainer.log_every=1", f"run.output_dir={tmp_path / 'runs'}",
-        "ray.num_workers=1",
+        "ray.num_workers=1", NO_RAY_DASHBOARD,
     ]
     with mini_synthmed_env(tmp_path / "cache"):
         for name, (teacher, extra, grid_line) in teachers.items():

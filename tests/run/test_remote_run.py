@@ -7,12 +7,13 @@ import json
 import re
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from synthmed_fixtures import mini_synthmed_env
 
 pytestmark = pytest.mark.slow
 
 STEPS = ["trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=4", "trainer.val_size=8",
-         "trainer.test_size=8", "trainer.log_every=1", "trainer.max_new_tokens=4", "lora.rank=4"]
+         "trainer.test_size=8", "trainer.log_every=1", "trainer.max_new_tokens=4", "lora.rank=4", NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import NO_RAY_DASHBOARD
+from ray_cluster import trial_pids
 from medalign_platform.tune.ablation import (
     ablate_command,
     parse_ablation_args,
@@ -29,7 +31,8 @@ from medalign_platform.tune.search_space import SearchSpaceError, load_search_sp
 
 MAX_STEPS = 4
 TINY = ["experiment=synthmed_vqa", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=4", "trainer.val_size=6",
-        "trainer.test_size=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.max_new_tokens=3"]
+        "trainer.test_size=6", "trainer.batch_size=4", "trainer.log_every=2", "trainer.max_new_tokens=3",
+        NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +146,8 @@ def test_arguments_split_into_grid_options_and_run_overrides():
     assert request.sweep_options == {"verbose": 0}
     assert request.config_overrides == ["experiment=synthmed_vqa", "trainer.max_steps=4"]
     assert parse_ablation_args(["layers=2"]).layers == [2] and parse_ablation_args(["layers=[2]"]).seeds is None
+    # no ASHA in a grid, so actor reuse may pass through (a sweep with ASHA refuses it)
+    assert parse_ablation_args(["layers=[1]", "sweep.reuse_actors=true"]).sweep_options == {"reuse_actors": True}
 
 
 @pytest.mark.parametrize("overrides, match", [
@@ -185,13 +190,17 @@ def test_plan_checks_metric_and_missing_layers(mini_cache, tmp_path):
         plan_ablation(parse_ablation_args([*TINY, f"ablation.output_dir={tmp_path}"]))
     with pytest.raises(ConfigError, match=r"test metrics need trainer.test_size>0"):
         plan_ablation(parse_ablation_args([*TINY, "trainer.test_size=0", "layers=[1]",
-                                           "ablation.metric=test/closed_accuracy"]))
+                                           "ablation.metric=test/closed_accuracy", "ablation.allow_test_selection=true"]))
+    with pytest.raises(ConfigError, match=r"ablation.metric=test/closed_accuracy picks the best layer on the test "
+                                          r"split.*ablation.allow_test_selection=true"):
+        plan_ablation(parse_ablation_args([*TINY, "layers=[1]", "ablation.metric=test/closed_accuracy"]))
     with pytest.raises(ConfigError, match=r"ablation.executor must be one of 'auto', 'train', 'inline'"):
         plan_ablation(parse_ablation_args([*TINY, "layers=[1]", "ablation.executor=spark",
                                            f"ablation.output_dir={tmp_path}"]))
     assert not any(tmp_path.iterdir())
     plan = plan_ablation(parse_ablation_args([*TINY, "layers=[1,3]", "ablation.metric=test/closed_accuracy",
-                                              f"ablation.output_dir={tmp_path}", "ablation.name=x"]))
+                                              "ablation.allow_test_selection=true", f"ablation.output_dir={tmp_path}",
+                                              "ablation.name=x"]))
     assert plan.seeds == [0, 1, 2] and plan.experiment_dir == tmp_path.resolve() / "x"
     options = plan.sweep.options
     assert (options.sampler, options.num_samples, options.asha.enabled) == ("grid", 6, False)
@@ -209,7 +218,7 @@ def real_ablation(mini_cache, tmp_path_factory):
     try:
         result = run_ablation([*TINY, "layers=[1,3]", "seeds=[0,1]", "ablation.executor=inline",
                                "ablation.max_concurrent=2", "ablation.name=grid", f"ablation.output_dir={out}",
-                               "sweep.verbose=0"])
+                               "sweep.verbose=0", "sweep.reuse_actors=true"])  # no faults here: 2 actor starts, not 4
     finally:
         ray.shutdown()
     return result, out / "grid"
@@ -223,6 +232,10 @@ def test_real_ablation_runs_every_cell_and_tables_the_trial_records(real_ablatio
     cells = {(r["params"]["distill.layer"], r["params"]["trainer.seed"]) for r in records}
     assert cells == {(1, 0), (1, 1), (3, 0), (3, 1)}
     assert all(r["metrics"]["step"] == MAX_STEPS for r in records)
+    # sweep.reuse_actors passed through: later cells ran in earlier cells' actors (2 at a time: 2
+    # processes as a rule; fewer than 4 is what reuse guarantees)
+    pids = trial_pids(records)
+    assert len(pids) < 4, pids
     assert result["columns"] == ["val/closed_accuracy", "val/grounding", "val/open_recall", "test/closed_accuracy",
                                  "test/grounding", "test/open_recall"]
     saved = json.loads((experiment / "ablation" / "ablation.json").read_text())

@@ -24,7 +24,7 @@ from medalign_platform.cli import main
 START_TIMEOUT_S = 120  # TensorBoard's start-up on a busy 2-core machine
 OPTUNA_DASHBOARD = importlib.util.find_spec("optuna_dashboard") is not None
 # RAY_ADDRESS pointing at a closed port keeps the Ray look-up away from any other cluster on
-# this machine (tests/test_job_submit.py checks it against a real one).
+# this machine (tests/tune/test_multinode.py checks it against a real one).
 NO_RAY = "http://127.0.0.1:9"
 ISOLATED = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": NO_RAY}
 

@@ -1,16 +1,25 @@
-"""A sweep on a two-node cluster with shared storage, and its dashboards in a real browser.
+"""Ray jobs: a sweep submitted with ``ray job submit`` to a two-node cluster with shared
+storage and token authentication, and its dashboards in a real browser.
 
 One module fixture builds what docs/run.md's multi-node recipe describes, on this machine:
 an S3 server (moto) holding ``sweep.output_dir``, a PostgreSQL server holding the Optuna
 study, and a Ray cluster of two ``ray start`` nodes on loopback addresses 127.0.0.2 and
 127.0.0.3 (one CPU each, token authentication on, the token given to both), to which the
-sweep is submitted with ``ray job submit``. Each trial records the Ray node it ran on (``final.json``: ``node_id``), so the test
-can check that the trials ran on both nodes. The browser test then opens ``medalign
-dashboard`` on the same remote sweep in headless Chromium.
+sweep is submitted with ``ray job submit`` and ``experiments/runtime_env.yaml``. Each trial
+records the Ray node it ran on (``final.json``: ``node_id``), so the test can check that the
+trials ran on both nodes. The job API must refuse requests without the token, the job's log
+must be free of tracebacks, and a second, tiny job checks what a job sees of its uploaded
+working dir. The browser test then opens ``medalign dashboard`` on the same remote sweep in
+headless Chromium, with the Ray look-up joining this cluster.
+
+The cluster's processes are its own (``ray start --block`` in new sessions, its own temp dirs,
+ports and token); it is stopped by SIGTERM to those processes, never by ``ray stop``, which
+selects processes by name and would stop every Ray instance on the machine.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -19,6 +28,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -62,7 +73,7 @@ def two_node_sweep(tmp_path_factory, s3, postgres):
         (work / "job.log").write_text(logs)
         print(f"\ntwo-node sweep job {info['status']} after {time.monotonic() - started:.0f}s")
         yield {"info": info, "logs": logs, "experiment": f"{output}/multinode", "s3": s3, "pg": postgres,
-               "nodes": cluster.alive_nodes(), "cache": cache, "work": work}
+               "nodes": cluster.alive_nodes(), "cache": cache, "work": work, "cluster": cluster}
     finally:
         cluster.stop()
 
@@ -76,6 +87,75 @@ def _wait_for_job(cluster, submission_id: str) -> dict:
             return info
         time.sleep(1.0)  # poll interval
     pytest.fail(f"job {submission_id} still {info.get('status')} after {JOB_TIMEOUT_S}s")
+
+
+def _tracebacks(log: str) -> list[str]:
+    """The traceback header lines of ``log``, except Python's "Exception ignored in" reports.
+
+    Those are unraisable exceptions, not errors: when Tune stops a finished trial's actor,
+    Ray's SIGTERM handler raises SystemExit, and if that lands inside a garbage-collector
+    callback Python prints it as ignored while the actor exits anyway.
+    """
+    rows = log.splitlines()
+    return [row for i, row in enumerate(rows)
+            if "Traceback (most recent call last)" in row and not (i and "Exception ignored in" in rows[i - 1])]
+
+
+def _around(text: str, needle: str, lines: int = 30) -> str:
+    """The lines around the first ``needle`` (for a readable failure message)."""
+    rows = text.splitlines()
+    at = next((i for i, row in enumerate(rows) if needle in row), len(rows))
+    return "\n".join(rows[max(0, at - 5):at + lines])
+
+
+# --------------------------------------------------------------------------- the job and its cluster
+
+
+def test_token_authentication_is_on(two_node_sweep):
+    cluster = two_node_sweep["cluster"]
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(cluster.url + "/api/jobs/", timeout=10)  # no bearer token
+    assert refused.value.code == 401
+    unauthenticated = {k: v for k, v in cluster.env.items() if not k.startswith("RAY_AUTH")}
+    result = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "list", "--address", cluster.url],
+                            env=unauthenticated, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0 and "Authentication required" in result.stdout + result.stderr
+
+
+def test_sweep_job_succeeds_without_a_traceback_and_ran_the_uploaded_working_dir(two_node_sweep):
+    info, logs = two_node_sweep["info"], two_node_sweep["logs"]
+    assert info["status"] == "SUCCEEDED", f"{info.get('message')}\n{logs[-5000:]}"
+    assert two_node_sweep["experiment"] in logs  # the sweep's closing summary names its folder
+    real = _tracebacks(logs)
+    assert not real, "\n\n".join(_around(logs, line) for line in real[:3])
+    runtime_env = info["runtime_env"]  # experiments/runtime_env.yaml, as Ray recorded it
+    assert runtime_env["working_dir"].startswith("gcs://_ray_pkg_")  # the repository, zipped and uploaded
+    assert runtime_env["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert runtime_env["env_vars"]["TOKENIZERS_PARALLELISM"] == "false"
+    assert {".venv/", "sweeps/", "runs/", ".git/", "*.pt"} <= set(runtime_env["excludes"])
+
+
+STORAGE_CHECK = ("import json; from medalign_platform.run.storage import detect_job_working_dir, storage_warnings; "
+                 "print('STORAGE', json.dumps([detect_job_working_dir(), "
+                 "storage_warnings('sweeps', ray_address=None, setting='sweep.output_dir')]))")
+
+
+def test_storage_check_sees_that_a_relative_path_lands_in_the_job_copy(two_node_sweep):
+    """Inside a real job the working dir copy is detected and a relative output dir is flagged."""
+    cluster = two_node_sweep["cluster"]
+    result = cluster.ray("job", "submit", "--address", cluster.url, "--runtime-env", "experiments/runtime_env.yaml",
+                         "--submission-id", "storage-check", "--no-wait", "--", "python", "-c", STORAGE_CHECK,
+                         cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = _wait_for_job(cluster, "storage-check")
+    logs = cluster.ray("job", "logs", "storage-check", "--address", cluster.url).stdout
+    assert info["status"] == "SUCCEEDED", logs[-3000:]
+    line = next(row for row in logs.splitlines() if row.startswith("STORAGE "))
+    job_dir, warnings = json.loads(line.split(" ", 1)[1])
+    # A job's driver runs on the head node, in its copy of the working dir under the head's temp dir.
+    assert job_dir.startswith(str(cluster.root / "ray")) and "/runtime_resources/working_dir_files/" in job_dir
+    (warning,) = warnings
+    assert f"results go to {job_dir}/sweeps" in warning and "sweep.output_dir=sweeps" in warning
 
 
 def test_trials_ran_on_both_nodes_and_every_result_is_in_shared_storage(two_node_sweep):
@@ -191,13 +271,15 @@ def _artifacts() -> Path:
 
 def test_dashboards_in_headless_chromium(two_node_sweep):
     """``medalign dashboard`` on the remote sweep: TensorBoard's scalars and HParams table list
-    every trial with its searched values, optuna-dashboard shows the PostgreSQL study; a
+    every trial with its searched values, optuna-dashboard shows the PostgreSQL study, the Ray
+    look-up joins the cluster (its token from the environment) and prints its dashboard; a
     screenshot of each page is kept (the folder is printed)."""
     import optuna
 
     browser = _chromium()
-    env = {**os.environ, **two_node_sweep["s3"].env, "MEDALIGN_CACHE": str(two_node_sweep["cache"]),
-           "RAY_ADDRESS": "http://127.0.0.1:9"}  # the Ray look-up: a closed port, not another cluster
+    cluster = two_node_sweep["cluster"]
+    # The cluster's environment (S3 settings, its token): the Ray look-up joins this cluster.
+    env = {**cluster.env, "MEDALIGN_CACHE": str(two_node_sweep["cache"]), "RAY_ADDRESS": cluster.gcs_address}
     result = subprocess.run([sys.executable, "-m", "medalign_platform", "dashboard", two_node_sweep["experiment"],
                              "port=0", "optuna_port=0", "wait=false"], env=env, capture_output=True, text=True,
                             timeout=300, check=False)
@@ -206,6 +288,7 @@ def test_dashboards_in_headless_chromium(two_node_sweep):
     print(f"\nbrowser screenshots: {artifacts}")  # kept as the test's artifacts
     try:
         assert result.returncode == 0 and pids, result.stdout + result.stderr
+        assert re.search(r"Ray dashboard\s+(\S+)", result.stdout).group(1) == cluster.url, result.stdout
         tensorboard = re.search(r"TensorBoard\s+(http://\S+)", result.stdout).group(1)
         optuna_url = re.search(r"optuna-dashboard\s+(http://\S+)", result.stdout).group(1)
         from medalign_platform.run.filesystems import StoragePath

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import NO_RAY_DASHBOARD
 from medalign_platform.common.errors import ConfigError
 
 METRIC = "val/grounding"  # varies between trials of an untrained tiny model (closed accuracy ties at 0)
@@ -18,7 +19,7 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STE
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.executor=inline", "sweep.num_samples=4", "sweep.max_concurrent=2",
          "sweep.seed=0", f"sweep.metric={METRIC}", "sweep.asha.grace_period=2", "sweep.verbose=0",
-         "sweep.name=board"]
+         "sweep.name=board", NO_RAY_DASHBOARD]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +123,7 @@ def test_best_experiment_file_composes_to_the_best_trial_config(sweep):
     assert f"# Run it:          medalign train experiment={path}" in text
 
     composed = compose_config([f"experiment={path}"])
-    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None}
+    assert composed["run"] == {"name": "board-best", "output_dir": "runs", "log_dir": None, "console_log": None}
     without_run = lambda config: {k: v for k, v in config.items() if k != "run"}
     assert without_run(composed) == without_run(best["config"])
     assert composed["distill"]["lambda_align"] == best["params"]["distill.lambda_align"]  # exact float
@@ -319,6 +320,10 @@ def test_status_of_a_running_sweep(sweep, tmp_path):
         if trial["trial_id"] == running:
             entry[0] = json.dumps({**trial, "status": "RUNNING"})
     state_file.write_text(json.dumps(state))
+    # ...and its driver is alive (this process): an unfinished trial of a stopped sweep
+    # would be INTERRUPTED instead (tests/tune/test_sweep_bookkeeping.py).
+    from medalign_platform.tune.layout import write_driver_state
+    write_driver_state(copy, "running")
 
     result = write_results(copy)
     rows = {r["trial_id"]: r for r in result["leaderboard"]}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
 import subprocess
 import sys
@@ -14,25 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from ray_cluster import kill_tree
 from medalign_platform.common.errors import ConfigError
-
-
-@pytest.fixture(scope="module")
-def stub_config(tmp_path_factory):
-    """The composed synthmed_vqa config; paths come from a stub prepared.json (nothing loaded)."""
-    from medalign_platform.run.compose import compose_config
-
-    cache = tmp_path_factory.mktemp("stub_cache")
-    root = cache / "synthmed"
-    root.mkdir()
-    (root / "prepared.json").write_text(json.dumps({k: str(root / k) for k in ("data", "teacher", "student")}
-                                                   | {"cache": str(root)}))
-    patch = pytest.MonkeyPatch()
-    patch.setenv("MEDALIGN_CACHE", str(cache))
-    try:
-        yield compose_config(["experiment=synthmed_vqa", "trainer.max_steps=40", "trainer.eval_every=10"])
-    finally:
-        patch.undo()
 
 
 def plan_for(overrides, config):
@@ -177,7 +159,7 @@ def test_layer_ablation_refuses_an_object_store_folder():
 
 # --------------------------------------------------------------------------- PostgreSQL, killed and resumed
 
-MAX_STEPS = 4
+MAX_STEPS = 6  # checkpoints at 2, 4, 6: the kill, seen at 2 or 4, lands before the last
 SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STEPS}", "trainer.eval_every=2",
          "trainer.val_size=8", "trainer.test_size=8", "trainer.batch_size=4", "trainer.log_every=1",
          "trainer.max_new_tokens=4", "sweep.num_samples=1", "sweep.max_concurrent=1", "sweep.seed=0",
@@ -185,24 +167,6 @@ SWEEP = ["experiment=synthmed_vqa", "search=smoke", f"trainer.max_steps={MAX_STE
 KILL_TIMEOUT_S = 300
 # The processes of a cluster the platform starts for itself, all of which must listen on loopback only.
 CLUSTER_PARTS = ("gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILLs the driver's process group and every descendant (its Ray cluster included)."""
-    import psutil
-
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    os.killpg(process.pid, signal.SIGKILL)
-    for child in descendants:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    process.wait(timeout=30)
-    psutil.wait_procs(descendants, timeout=20)
 
 
 def _newest_step(trial: Path) -> int:
@@ -233,7 +197,7 @@ def postgres_resumed(tmp_path_factory, postgres):
     started = time.monotonic()
     with (root / "driver.log").open("w") as log:
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    killed = None
+    killed = listening = None
     storage = optuna.storages.RDBStorage(postgres.url)  # one connection pool for every poll
     try:
         deadline = time.monotonic() + KILL_TIMEOUT_S
@@ -243,15 +207,18 @@ def postgres_resumed(tmp_path_factory, postgres):
             except KeyError:
                 trials = []  # not created yet
             in_study = [t.state.name for t in trials]
+            if in_study == ["RUNNING"] and listening is None and any(experiment.glob("trial_*/trial.log")):
+                # Recorded once the trial process writes its log (its worker included), not at the kill: listing
+                # sockets takes long enough on a busy machine for the trial to finish meanwhile.
+                listening = listening_sockets(psutil.Process(process.pid))
             running = [t for t in experiment.glob("trial_*") if 0 < _newest_step(t) < MAX_STEPS]
-            if in_study == ["RUNNING"] and running:
-                killed = {"running": running[0].name, "after_s": time.monotonic() - started,
-                          "listening": listening_sockets(psutil.Process(process.pid))}
+            if in_study == ["RUNNING"] and running and listening is not None:
+                killed = {"running": running[0].name, "after_s": time.monotonic() - started, "listening": listening}
                 break
             time.sleep(0.25)  # poll interval
     finally:
         if process.poll() is None:
-            _kill_tree(process)
+            kill_tree(process)
     assert killed, f"no half-way trial seen:\n{(root / 'driver.log').read_text()[-4000:]}"
     killed["step_at_kill"] = _newest_step(experiment / killed["running"])
     killed["mode"] = stat.S_IMODE(experiment.stat().st_mode)

@@ -209,7 +209,9 @@ class MedAlignObjective:
             detached float32 scalars (zero tensors when their weight is 0 and nothing was
             computed), ``loss`` is the weighted sum that carries gradients.
         """
-        output = self.model(**batch)
+        # No KV cache in training: it would hold every layer's keys and values for nothing
+        # (and, under torch.compile, make each block's graph depend on the cache's state).
+        output = self.model(**{"use_cache": False, **batch})
         lm = output.loss
         captured = self.tap.pop()
         zero = lm.new_zeros((), dtype=torch.float32)

@@ -99,12 +99,18 @@ def load_student(
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``model.dtype`` (``float32`` | ``bfloat16`` | ``float16``) as a torch dtype."""
+def torch_dtype(name: str | torch.dtype, device: str | torch.device | None = None) -> torch.dtype:
+    """``model.dtype`` (``auto`` | ``float32`` | ``bfloat16`` | ``float16``) as a torch dtype.
+
+    ``auto`` is bfloat16 on a CUDA ``device`` and float32 anywhere else (the CPU has no
+    fast bf16 matmuls, and a GPU run in fp32 weights would double their memory).
+    """
     if isinstance(name, torch.dtype):
         return name
+    if name == "auto":
+        return torch.bfloat16 if device is not None and torch.device(device).type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"model.dtype={name!r}: choose one of {sorted(DTYPES)}")
+        raise ValueError(f"model.dtype={name!r}: choose auto or one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

@@ -5,10 +5,16 @@ MedAlign needs two quantities at one decoder layer ``L`` (0-based HF index):
 * the visual-span hidden states at the *input* of block ``L`` (HF ``hidden_states[L]``),
 * block ``L``'s attention probabilities from the prompt's text tokens to the visual span.
 
-Both are captured by one forward pre-hook on block ``L`` (:class:`DistillationTap`). The
-attention probabilities are recomputed for that one layer from its own q/k projections and
-rotary embeddings, so the model keeps SDPA (or flash) attention everywhere and never
-materialises ``[B, heads, T, T]`` for all layers the way ``output_attentions=True`` does.
+Both are captured by forward hooks at block ``L`` (:class:`DistillationTap`). The attention
+probabilities are formed for that one layer, and only for the text query rows, from the
+q/k projection outputs *of the forward itself* (forward hooks on ``q_proj``/``k_proj``), so
+they are exactly the attention the block ran -- the same LoRA-dropout mask in train mode --
+while the model keeps SDPA (or flash) attention everywhere and never materialises
+``[B, heads, T, T]`` for all layers the way ``output_attentions=True`` does.
+
+The span layout (visual positions, text query rows) can be located on the CPU before the
+batch reaches the device (:class:`SpanLocator`, run in the data-loader workers, then handed
+over with :meth:`DistillationTap.expect`), so a training forward holds no host sync.
 """
 
 from __future__ import annotations
@@ -89,6 +95,81 @@ def _gather_tokens(states: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return states.gather(1, positions[:, :, None].expand(-1, -1, states.shape[-1]))
 
 
+# --------------------------------------------------------------------------- span layout
+
+
+@dataclass
+class SpanLayout:
+    """Token layout of one batch: where the visual span and the text queries are.
+
+    Attributes:
+        positions: ``[B, N]`` visual span.
+        attention_mask: ``[B, T]`` or None.
+        query_positions: ``[B, Q]`` text query rows, padded to the batch maximum (None when
+            the attention is not captured).
+        query_valid: ``[B, Q]`` which of those rows are real.
+        query_counts: ``[B]`` number of real query rows per sample.
+    """
+
+    positions: torch.Tensor
+    attention_mask: torch.Tensor | None
+    query_positions: torch.Tensor | None = None
+    query_valid: torch.Tensor | None = None
+    query_counts: torch.Tensor | None = None
+
+    def _map(self, fn) -> "SpanLayout":
+        return SpanLayout(*(None if value is None else fn(value) for value in
+                            (self.positions, self.attention_mask, self.query_positions, self.query_valid,
+                             self.query_counts)))
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "SpanLayout":
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "SpanLayout":
+        """Pinned copy (``DataLoader(pin_memory=True)`` calls this on the objects it yields)."""
+        return self._map(lambda t: t.pin_memory())
+
+    @property
+    def has_queries(self) -> bool:
+        return self.query_positions is not None
+
+
+@dataclass(frozen=True)
+class SpanLocator:
+    """Locates a batch's :class:`SpanLayout` from its ids, on whatever device they are.
+
+    Plain numbers only, so data-loader worker processes can run it on the CPU batch; the
+    checks (one image of ``N`` tokens per sample, prompt text after the image) fail there
+    with the same messages as in the tap.
+    """
+
+    image_token_id: int
+    num_visual_tokens: int
+    with_queries: bool
+    layer: int
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None) -> SpanLayout:
+        positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
+        span = SpanLayout(positions=positions, attention_mask=attention_mask)
+        if not self.with_queries:
+            return span
+        queries = text_query_mask(positions, attention_mask, labels, input_ids.shape[1])
+        counts = queries.sum(1)
+        if bool((counts == 0).any()):
+            empty = torch.nonzero(counts == 0).flatten().tolist()
+            raise ValueError(
+                f"samples {empty[:8]} have no prompt text after the image, so block {self.layer}'s "
+                "text-to-image attention is undefined; put the question after <image> or set "
+                "distill.lambda_attn=0."
+            )
+        num_queries = int(counts.max())
+        span.query_positions = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :num_queries]
+        span.query_valid = torch.arange(num_queries, device=counts.device)[None, :] < counts[:, None]
+        span.query_counts = counts
+        return span
+
+
 # --------------------------------------------------------------------------- the tap
 
 
@@ -101,31 +182,28 @@ class TapOutputs:
     query_counts: torch.Tensor | None  # [B] number of text query rows averaged per sample
 
 
-@dataclass
-class _Span:
-    """Token layout of the current batch, located once at the model's entry."""
-
-    positions: torch.Tensor  # [B, N] visual span
-    attention_mask: torch.Tensor | None  # [B, T]
-    query_positions: torch.Tensor | None = None  # [B, Q] text query rows, padded to the batch max
-    query_valid: torch.Tensor | None = None  # [B, Q] which of those rows are real
-    query_counts: torch.Tensor | None = None  # [B]
-
-
 class DistillationTap:
     """Forward hooks that steer and capture the student at decoder layer ``L``.
 
-    One pre-hook on the top-level model reads ``input_ids`` / ``attention_mask`` /
-    ``labels`` and locates each sample's visual span and text queries; one pre-hook on
-    block ``L`` applies the steer adapter to the visual span and records the visual states
-    and (when ``capture_attention``) the recomputed text-to-image attention. A forward
-    pass without image tokens (e.g. a cached decoding step) passes through untouched.
+    * a pre-hook on the top-level model reads ``input_ids`` / ``attention_mask`` /
+      ``labels`` and locates each sample's visual span and text queries (or takes the
+      layout handed over with :meth:`expect`);
+    * a pre-hook on block ``L`` applies the steer adapter to the visual span and records
+      the visual states (HF ``hidden_states[L]`` on the span, after the steer);
+    * when ``capture_attention``: forward hooks on block ``L``'s ``q_proj`` and ``k_proj``
+      keep the projections the block computed (the query rows only, for q), and a forward
+      hook on its ``self_attn`` turns them into the text-to-image attention probabilities.
+
+    A forward pass without image tokens (e.g. a cached decoding step) passes through
+    untouched. Attach the tap after LoRA is applied: the projection hooks sit on the
+    modules that are ``q_proj``/``k_proj`` at that time (peft's LoRA layers, so the LoRA
+    update and its dropout are part of what they see).
 
     Args:
         model: the (optionally peft-wrapped) LLaVA-family student.
         layer: distillation layer ``L`` in ``1 .. depth-1``.
         steer: optional steer adapter applied at the same point.
-        capture_attention: recompute block ``L``'s attention (skip it when lambda_attn=0).
+        capture_attention: capture block ``L``'s attention (skip it when lambda_attn=0).
     """
 
     def __init__(
@@ -152,11 +230,18 @@ class DistillationTap:
         layer_types = getattr(config, "layer_types", None)
         if layer_types is not None and layer_types[layer] != "sliding_attention":
             self._sliding_window = None
-        self._span: _Span | None = None
+        self._span: SpanLayout | None = None
+        self._expected: SpanLayout | None = None
+        self._position_embeddings = None
+        self._query_rows: torch.Tensor | None = None  # q_proj output on the query rows, [B, Q, heads*hd]
+        self._keys: torch.Tensor | None = None  # k_proj output, [B, T, kv_heads*hd]
         self.outputs: TapOutputs | None = None
         self._handles = [
             base_model(model).register_forward_pre_hook(self._locate_span, with_kwargs=True),
             self.block.register_forward_pre_hook(self._at_layer, with_kwargs=True),
+            attention.q_proj.register_forward_hook(self._on_query),
+            attention.k_proj.register_forward_hook(self._on_key),
+            attention.register_forward_hook(self._on_attention),
         ]
 
     def remove(self) -> None:
@@ -171,38 +256,43 @@ class DistillationTap:
         outputs, self.outputs = self.outputs, None
         return outputs
 
+    def locator(self) -> SpanLocator:
+        """What locates this tap's span layout outside the model (e.g. in data-loader workers)."""
+        return SpanLocator(self.image_token_id, self.num_visual_tokens, self.capture_attention, self.layer)
+
+    def expect(self, layout: SpanLayout | None) -> None:
+        """Hands over the next forward's span layout, already located (and on the model's device).
+
+        The model-entry hook then skips its own search, which reads tensors on the host: on a
+        GPU those reads would make the CPU wait for the previous step before launching the next.
+        """
+        self._expected = layout
+
     # The hooks ----------------------------------------------------------------------
 
     def _locate_span(self, module, args, kwargs):
         # Everything data-dependent (span search, checks, the query count) happens here, at
         # the model's entry, so the decoder loop holds no graph break under torch.compile.
         input_ids = kwargs.get("input_ids", args[0] if args else None)
+        expected, self._expected = self._expected, None
         self._span = None
-        if (input_ids is None or input_ids.shape[-1] < self.num_visual_tokens
-                or not bool((input_ids == self.image_token_id).any())):
+        self._query_rows = self._keys = None
+        if input_ids is None:
+            return None
+        if (expected is not None and tuple(expected.positions.shape) == (input_ids.shape[0], self.num_visual_tokens)
+                and (expected.has_queries or not self.capture_attention)
+                and (expected.attention_mask is None or expected.attention_mask.shape == input_ids.shape)):
+            self.outputs = None
+            self._span = expected
+            return None
+        if input_ids.shape[-1] < self.num_visual_tokens or not bool((input_ids == self.image_token_id).any()):
             # Keep the last capture: during generate() it is the prefill's, taken on the prompt.
             # A decode step holds too few tokens for an image (an untrained student may still
             # emit the image token id as an answer token), so it never replaces the capture.
             return None
         self.outputs = None
-        positions = find_visual_positions(input_ids, self.image_token_id, self.num_visual_tokens)
-        attention_mask = kwargs.get("attention_mask")
-        span = _Span(positions=positions, attention_mask=attention_mask)
-        if self.capture_attention:
-            queries = text_query_mask(positions, attention_mask, kwargs.get("labels"), input_ids.shape[1])
-            counts = queries.sum(1)
-            if bool((counts == 0).any()):
-                empty = torch.nonzero(counts == 0).flatten().tolist()
-                raise ValueError(
-                    f"samples {empty[:8]} have no prompt text after the image, so block {self.layer}'s "
-                    "text-to-image attention is undefined; put the question after <image> or set "
-                    "distill.lambda_attn=0."
-                )
-            num_queries = int(counts.max())
-            span.query_positions = torch.argsort((~queries).to(torch.int8), dim=1, stable=True)[:, :num_queries]
-            span.query_valid = torch.arange(num_queries, device=counts.device)[None, :] < counts[:, None]
-            span.query_counts = counts
-        self._span = span
+        locate = SpanLocator(self.image_token_id, self.num_visual_tokens, self.capture_attention, self.layer)
+        self._span = locate(input_ids, kwargs.get("attention_mask"), kwargs.get("labels"))
         return None
 
     def _at_layer(self, module, args, kwargs):
@@ -218,45 +308,69 @@ class DistillationTap:
             else:
                 kwargs = {**kwargs, "hidden_states": hidden}
         visual = _gather_tokens(hidden, span.positions)
-        attention = None
-        if self.capture_attention:
-            attention = self._text_to_image_attention(hidden, span, kwargs["position_embeddings"])
-        self.outputs = TapOutputs(visual_states=visual, attention=attention, query_counts=span.query_counts)
+        self._position_embeddings = kwargs["position_embeddings"]
+        self.outputs = TapOutputs(visual_states=visual, attention=None, query_counts=span.query_counts)
         return args, kwargs
 
-    def _text_to_image_attention(self, hidden, span: "_Span", position_embeddings) -> torch.Tensor:
+    def _wants_projections(self) -> bool:
+        return self._span is not None and self.capture_attention
+
+    def _on_query(self, module, args, output):
+        if self._wants_projections():
+            self._query_rows = _gather_tokens(output, self._span.query_positions)
+        return None
+
+    def _on_key(self, module, args, output):
+        if self._wants_projections():
+            self._keys = output
+        return None
+
+    def _on_attention(self, module, args, output):
+        if self._wants_projections() and self._query_rows is not None and self._keys is not None:
+            # Non-reentrant gradient checkpointing replays the block in backward and needs the
+            # same tensor work as the forward, so the replay computes the attention too; it is
+            # kept only when the current capture has none yet (the replay's is discarded).
+            attention = self._text_to_image_attention(self._query_rows, self._keys, self._span)
+            if self.outputs is not None and self.outputs.attention is None:
+                self.outputs.attention = attention
+        self._query_rows = self._keys = None
+        return None
+
+    def _text_to_image_attention(self, query_rows, keys, span: SpanLayout) -> torch.Tensor:
         """Block L's attention probabilities, text queries to visual keys.
 
-        Recomputes ``softmax(q k^T * scale)`` exactly as eager attention does, but only for
-        the query rows that are needed: ``[B, heads, Q, T]`` with ``Q`` the prompt text.
+        ``softmax(q k^T * scale)`` exactly as eager attention forms it, from the projections
+        the forward computed, but only for the query rows that are needed: ``[B, heads, Q, T]``
+        with ``Q`` the prompt text.
+
+        Args:
+            query_rows: ``q_proj`` output on the query rows, ``[B, Q, heads * hd]``.
+            keys: ``k_proj`` output, ``[B, T, kv_heads * hd]``.
 
         Returns:
             ``[B, N]`` attention averaged over heads and query rows.
         """
-        block = self.block
-        attn = block.self_attn
-        batch, seq_len, _ = hidden.shape
+        attn = self.block.self_attn
+        batch, seq_len, _ = keys.shape
         query_positions, query_valid = span.query_positions, span.query_valid  # [B, Q]
         num_queries = query_positions.shape[1]
-
-        normed = block.input_layernorm(hidden)
         head_dim = attn.head_dim
-        q = attn.q_proj(_gather_tokens(normed, query_positions)).view(batch, num_queries, -1, head_dim)
-        k = attn.k_proj(normed).view(batch, seq_len, -1, head_dim)
+        q = query_rows.view(batch, num_queries, -1, head_dim)
+        k = keys.view(batch, seq_len, -1, head_dim)
         if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms come before the rotary embedding
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, heads, Q, hd], [B, kv_heads, T, hd]
-        cos, sin = position_embeddings
+        cos, sin = self._position_embeddings
         cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)
         q = self._apply_rotary(q, q, _gather_tokens(cos, query_positions), _gather_tokens(sin, query_positions))[0]
         k = self._apply_rotary(k, k, cos, sin)[0]
         k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # grouped-query attention
 
         scores = (q @ k.transpose(-1, -2)).float() * attn.scaling  # [B, heads, Q, T]
-        keys = torch.arange(seq_len, device=hidden.device)
-        allowed = keys[None, None, :] <= query_positions[:, :, None]  # causal, [B, Q, T]
+        keys_index = torch.arange(seq_len, device=keys.device)
+        allowed = keys_index[None, None, :] <= query_positions[:, :, None]  # causal, [B, Q, T]
         if self._sliding_window:
-            allowed = allowed & (keys[None, None, :] > query_positions[:, :, None] - self._sliding_window)
+            allowed = allowed & (keys_index[None, None, :] > query_positions[:, :, None] - self._sliding_window)
         if span.attention_mask is not None:
             allowed = allowed & span.attention_mask.bool()[:, None, :]
         # Padding rows (Q is the batch maximum) must not be all -inf, or softmax gives NaN.

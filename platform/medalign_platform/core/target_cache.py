@@ -52,6 +52,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
 
+from ..common.errors import image_read_error
 from .teacher import TeacherOutputs
 
 __all__ = ["CacheStats", "ImageLike", "PromptAwareTeacher", "TargetCache", "image_content_hash", "question_hash"]
@@ -124,9 +125,13 @@ def _open_image(image: ImageLike) -> Image.Image:
     if isinstance(image, Image.Image):
         return image
     source = io.BytesIO(image) if isinstance(image, (bytes, bytearray, memoryview)) else image
-    with Image.open(source) as img:
-        img.load()  # decode now: the file handle closes when the with-block ends
-        return img.copy()
+    try:
+        with Image.open(source) as img:
+            img.load()  # decode now: the file handle closes when the with-block ends
+            return img.copy()
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for truncated or non-image files
+        name = "<bytes>" if isinstance(source, io.BytesIO) else source
+        raise image_read_error(name, error) from error
 
 
 def _tensor_bytes_digest(*tensors: Tensor) -> str:

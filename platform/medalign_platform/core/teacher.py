@@ -37,17 +37,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import open_clip
 import torch
 from PIL import Image
 from torch import Tensor, nn
 
 from .towers import tower_for
 
-__all__ = ["ExpertTeacher", "TeacherOutputs", "load_teacher", "HF_CLIP_PREFIX"]
+__all__ = ["ExpertTeacher", "TeacherOutputs", "load_teacher", "HF_CLIP_PREFIX", "LOCAL_DIR_PREFIX"]
 
 #: ``teacher.name`` prefix of a transformers ``CLIPModel`` teacher (PubMedCLIP).
 HF_CLIP_PREFIX = "hf-clip:"
+#: ``teacher.name`` prefix of an open_clip export folder (open_clip_config.json + weights): open_clip's own schema.
+LOCAL_DIR_PREFIX = "local-dir:"
 
 # Part of every teacher identity: bump it when the target definition changes so caches
 # built with the old definition stop matching.
@@ -427,8 +428,8 @@ class ExpertTeacher(nn.Module):
 
 def _check_source(model_name: str, pretrained: str | None) -> None:
     """Turns open_clip's generic failures for missing files into actionable errors."""
-    if model_name.startswith("local-dir:"):
-        path = model_name[len("local-dir:"):]
+    if model_name.startswith(LOCAL_DIR_PREFIX):
+        path = model_name[len(LOCAL_DIR_PREFIX):]
         if not os.path.isdir(path):
             raise FileNotFoundError(
                 f"teacher directory not found: {path!r} (from model_name={model_name!r}). "
@@ -440,7 +441,7 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
                 "export (write one with {'model_cfg': ..., 'preprocess_cfg': ...}).")
     if pretrained is None:
         return
-    if model_name.startswith(("local-dir:", "hf-hub:")):
+    if model_name.startswith((LOCAL_DIR_PREFIX, "hf-hub:")):
         raise ValueError(
             f"pretrained={pretrained!r} would be ignored: {model_name!r} already names its "
             "weights. Drop `pretrained`, or use a config name (e.g. 'ViT-B-16') with "
@@ -448,6 +449,8 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
     if os.path.isfile(pretrained):
         return
     name = model_name.replace("/", "-")
+    import open_clip
+
     tags = open_clip.list_pretrained_tags_by_model(name)
     if pretrained in tags:
         return
@@ -460,9 +463,9 @@ def _check_source(model_name: str, pretrained: str | None) -> None:
 def _local_dir_extras(model_name: str) -> dict:
     """The ``"medalign"`` section of a local-dir's ``open_clip_config.json`` (written by
     ``medalign convert``); ``{}`` for other sources."""
-    if not model_name.startswith("local-dir:"):
+    if not model_name.startswith(LOCAL_DIR_PREFIX):
         return {}
-    config = json.loads(open(os.path.join(model_name[len("local-dir:"):], "open_clip_config.json")).read())
+    config = json.loads(open(os.path.join(model_name[len(LOCAL_DIR_PREFIX):], "open_clip_config.json")).read())
     return dict(config.get("medalign") or {})
 
 
@@ -515,6 +518,8 @@ def load_teacher(model_name: str, pretrained: str | None = None, *,
         if pretrained is not None:
             raise ValueError(f"pretrained={pretrained!r} would be ignored: {model_name!r} already names its weights")
         return _load_hf_clip(model_name[len(HF_CLIP_PREFIX):], device, precision)
+    import open_clip  # here, not at the top: the cache and the targets' types need no open_clip
+
     _check_source(model_name, pretrained)
     extras = _local_dir_extras(model_name)
     model, _, preprocess = open_clip.create_model_and_transforms(

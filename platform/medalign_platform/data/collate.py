@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..common.errors import image_read_error
 from ..core.student import IGNORE_INDEX
 from .prompts import answer_separator, check_template, clean_question, render_prompt
 
@@ -116,8 +117,11 @@ class BatchMeta:
 def _as_image(item: Mapping[str, Any], key: str) -> Image.Image:
     image = item.get("image")
     if image is None and item.get("image_path") is not None:
-        with Image.open(item["image_path"]) as im:
-            return im.convert("RGB")
+        try:
+            with Image.open(item["image_path"]) as im:
+                return im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # truncated or not an image
+            raise image_read_error(item["image_path"], error) from error
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):

@@ -11,6 +11,10 @@ one record per line) of records such as::
 
 * ``image`` (and the optional ``mask``) are absolute or relative to ``image_root``; when
   not found there (or when no ``image_root`` is given) relative to the JSON's folder.
+  Every path must stay inside one of those two roots: ``../../x.png`` or ``/etc/hostname``
+  is a bad record ("leaves the dataset root"), never opened. The check is on the path as
+  written (``..`` and absolute paths); a symlink that the dataset's owner placed inside a
+  root is followed.
 * ``conversations`` may hold several turns: every human turn followed by a gpt turn is
   one (question, answer) item, so a record can yield several items. ``"user"`` /
   ``"assistant"`` roles and ``{"role", "content"}`` turns are accepted; ``system`` turns
@@ -42,7 +46,7 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from ..common.errors import MedAlignError
+from ..common.errors import MedAlignError, image_read_error
 
 __all__ = [
     "ConversationDataset",
@@ -115,8 +119,11 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.items[index]
-        with Image.open(item.image_path) as im:
-            image = im.convert("RGB")
+        try:
+            with Image.open(item.image_path) as im:
+                image = im.convert("RGB")
+        except (OSError, SyntaxError, ValueError) as error:  # truncated or not an image (validate_images=false)
+            raise image_read_error(item.image_path, error) from error
         return {
             "id": item.id,
             "turn": item.turn,
@@ -140,8 +147,11 @@ class ConversationDataset(Dataset):
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask file as a bool ``[H, W]`` array: any non-zero value (any channel) is foreground."""
-    with Image.open(path) as im:
-        arr = np.asarray(im)
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise image_read_error(path, error) from error
     return arr.any(axis=-1) if arr.ndim == 3 else arr != 0
 
 
@@ -258,13 +268,30 @@ def _resolve(rel: Any, image_root: Path | None, json_dir: Path, what: str) -> Pa
         raise _RecordProblem(f"no {what} path (field {what!r} is {rel!r})",
                              f"set {what!r} to a file path relative to the image root or the JSON's folder")
     path = Path(rel)
+    roots = ([image_root] if image_root is not None else []) + [json_dir]
     if path.is_absolute():
+        if not any(_inside(path, root) for root in roots):
+            raise _outside(rel, what, roots)
         return path
-    candidates = ([image_root / path] if image_root is not None else []) + [json_dir / path]
+    candidates = [root / path for root in roots if _inside(root / path, root)]
+    if not candidates:
+        raise _outside(rel, what, roots)
     for candidate in candidates:
         if candidate.is_file():
             return candidate
     return candidates[0]
+
+
+def _inside(path: Path, root: Path) -> bool:
+    """Whether ``path``, with ``..`` resolved as written (symlinks not followed), lies inside ``root``."""
+    normal, base = os.path.normpath(os.path.abspath(path)), os.path.normpath(os.path.abspath(root))
+    return os.path.commonpath([normal, base]) == base
+
+
+def _outside(rel: str, what: str, roots: list[Path]) -> _RecordProblem:
+    shown = " or ".join(dict.fromkeys(str(root) for root in roots))  # once when image_root is the JSON folder
+    return _RecordProblem(f"{what} path {rel!r} leaves the dataset root ({shown})",
+                          f"give {what} paths inside image_root or the JSON's folder (relative, without '..')")
 
 
 def load_conversation_dataset(

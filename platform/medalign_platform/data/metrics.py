@@ -208,11 +208,11 @@ def open_token_f1(predictions: Sequence[str], references: Sequence[str]) -> floa
 
 def bleu4(predictions: Sequence[str], references: Sequence[str], normalize: bool = True) -> float:
     """Corpus BLEU-4 (sacrebleu, exp smoothing, 13a tokeniser) on a 0-1 scale; nan for no items."""
+    _check_pairs(predictions, references)
+    if not predictions:  # before the import: scoring closed answers alone needs no sacrebleu
+        return float("nan")
     from sacrebleu.metrics import BLEU
 
-    _check_pairs(predictions, references)
-    if not predictions:
-        return float("nan")
     prep = normalize_answer if normalize else (lambda s: "" if s is None else str(s))
     hyps = [prep(p) for p in predictions]
     refs = [prep(r) for r in references]
@@ -398,13 +398,13 @@ def bleu_n(predictions: Sequence[str], references: Sequence[str], n: int, normal
     ``bleu_n(..., 4)`` equals :func:`bleu4`. Report-generation papers (R2Gen and after)
     list BLEU-1 to BLEU-4 computed this way (cumulative, corpus level).
     """
-    from sacrebleu.metrics import BLEU
-
     if n not in (1, 2, 3, 4):
         raise ValueError(f"n must be 1..4, got {n}")
     _check_pairs(predictions, references)
     if not predictions:
         return float("nan")
+    from sacrebleu.metrics import BLEU
+
     prep = normalize_answer if normalize else (lambda s: "" if s is None else str(s))
     hyps = [prep(p) for p in predictions]
     refs = [prep(r) for r in references]
@@ -492,3 +492,36 @@ def evaluation_metrics(records: Iterable[dict], closed_match: ClosedMatch = "exa
             if not (isinstance(value, float) and math.isnan(value)):
                 out[f"by_qtype/{key}/{name}"] = value
     return out
+
+
+def metric_names(answer_types: Iterable[str], question_types: Iterable[str] = (), has_masks: bool = False,
+                 radgraph: bool = False) -> set[str]:
+    """The metric keys an evaluation can report for a split with these answer and question types.
+
+    A score whose answer type has no item is ``nan`` and left out of the results (so a sweep
+    on it would fail after its first trial trained); the counts are always there.
+
+    Args:
+        answer_types: the split's answer types (``closed``, ``open``, ``report``).
+        question_types: its question types (the ``by_qtype/<type>/...`` breakdown).
+        has_masks: whether some item has a lesion mask (``grounding``).
+        radgraph: whether ``data.radgraph_model`` is set (``report_radgraph_f1``).
+    """
+    kinds = {str(kind).strip().lower() for kind in answer_types}
+    names = {"n_closed", "n_open", "n_report"}
+    if "closed" in kinds:
+        names |= {"closed_accuracy", "closed_accuracy_substring"}
+    if "open" in kinds:
+        names |= {"open_recall", "open_f1", "open_bleu4"}
+    if "report" in kinds:
+        names |= {"report_bleu1", "report_bleu2", "report_bleu3", "report_bleu4", "report_rouge_l"}
+        if radgraph:
+            names.add("report_radgraph_f1")
+    if has_masks:
+        names.add("grounding")
+    if kinds & {"closed", "open"}:
+        for key in {_type_key(t) for t in question_types if t}:
+            names |= {f"by_qtype/{key}/{name}" for name in ("n_closed", "n_open")}
+            names |= {f"by_qtype/{key}/closed_accuracy"} if "closed" in kinds else set()
+            names |= {f"by_qtype/{key}/open_recall", f"by_qtype/{key}/open_f1"} if "open" in kinds else set()
+    return names

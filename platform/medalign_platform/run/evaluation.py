@@ -8,16 +8,18 @@ the distillation tap records the student's text-to-image attention at layer ``L`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..common.errors import ConfigError, MedAlignError
 from ..data.collate import generate_answers
+from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score, metric_names
 from ..data.prompts import clean_question
-from ..data.metrics import evaluation_metrics, grounding_score, mean_grounding_score
-from ..common.errors import ConfigError
 from ..data.splits import SplitItems, evaluation_items, load_split
 
 if TYPE_CHECKING:
@@ -47,25 +49,132 @@ def build_teacher(teacher: TeacherSettings):
     return load_teacher(teacher.name, teacher.pretrained)
 
 
-class TargetLookup:
-    """Maps training items to their cached teacher targets.
+@dataclass(frozen=True)
+class TeacherKey:
+    """What identifies a teacher's targets in the cache: its fingerprints, native grid and width.
 
-    The teacher is loaded once per worker (its weights define the cache key); image
-    content hashes are computed once per image; targets are read from the shared
-    :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
-    :func:`precompute_targets` on the driver.
+    ``prompt_identity`` keys the question-conditioned maps (``teacher.attention=prompt_aware``);
+    None when the teacher has no text tower.
     """
 
-    def __init__(self, teacher: TeacherSettings, model=None):
-        from ..core.target_cache import TargetCache
+    identity: str
+    grid: tuple[int, int]
+    width: int
+    prompt_identity: str | None = None
 
+    @classmethod
+    def of(cls, teacher) -> "TeacherKey":
+        prompt = teacher.prompt_identity if getattr(teacher, "has_text", True) else None
+        return cls(teacher.identity, tuple(teacher.grid), int(teacher.width), prompt)
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> "TeacherKey":
+        return cls(fields["identity"], tuple(fields["grid"]), int(fields["width"]), fields.get("prompt_identity"))
+
+    def fields(self) -> dict:
+        return {"identity": self.identity, "grid": list(self.grid), "width": self.width,
+                "prompt_identity": self.prompt_identity}
+
+
+class TargetLookup:
+    """Maps image files (and, prompt-aware, their questions) to their cached teacher targets.
+
+    The teacher is loaded once (its weights define the cache key, :class:`TeacherKey`), or
+    not at all when the cache has recorded the key for its unchanged files; image content
+    hashes are computed once per image; targets are read from the shared
+    :class:`~medalign_platform.core.target_cache.TargetCache`, filled beforehand by
+    :func:`precompute_targets` on the driver. Data-loader workers use the training
+    process's lookup (forked, so the teacher model is shared, not copied). Built from a
+    ``key`` alone, a lookup loads the teacher only if an entry is missing from the cache
+    (benchmarks use this with a cache of random targets and no teacher at all).
+
+    Args:
+        teacher: the ``teacher`` section (``cache_dir``, ``attention``; ``name``/``pretrained``
+            to load it).
+        model: an already loaded teacher (instead of loading ``teacher.name``).
+        key: the teacher's key when already known; the teacher is then not loaded up front.
+            Without ``model`` or ``key``, the key recorded in the cache for the teacher's
+            unchanged files is used (:mod:`.teacher_keys`), else the teacher is loaded and
+            its key recorded there.
+    """
+
+    def __init__(self, teacher: TeacherSettings, model=None, *, key: TeacherKey | None = None):
+        from ..core.target_cache import TargetCache
+        from .teacher_keys import remember_key, remembered_key, signature
+
+        self.settings = teacher
         self.mode = teacher.attention
-        self.teacher = model if model is not None else build_teacher(teacher)
-        if self.mode == "prompt_aware" and not getattr(self.teacher, "has_text", True):
+        self.cache = TargetCache(teacher.cache_dir)
+        self._model = model
+        if key is None and model is None:
+            # Taken before any load: a record's files are the ones as they were when it was loaded.
+            files_signature = signature(teacher.name, teacher.pretrained)
+            fields = remembered_key(teacher.cache_dir, files_signature)
+            if fields:
+                key = TeacherKey.from_fields(fields)
+            else:
+                self._model = self._load()
+                key = TeacherKey.of(self._model)
+                remember_key(teacher.cache_dir, files_signature, key.fields())
+        elif key is None:
+            key = TeacherKey.of(model)
+        self.key = key
+        if self.mode == "prompt_aware" and key.prompt_identity is None:
             raise ConfigError(f"teacher.attention=prompt_aware but teacher {teacher.name!r} has no text tower; use "
                               "teacher.attention=cls or convert it with its text encoder")
-        self.cache = TargetCache(teacher.cache_dir)
         self._hashes: dict[str, str] = {}
+
+    # What TargetCache needs of a teacher: the key's fields, encode_images (and the prompt-aware
+    # pair) on a miss.
+    @property
+    def identity(self) -> str:
+        return self.key.identity
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.key.grid
+
+    @property
+    def width(self) -> int:
+        return self.key.width
+
+    @property
+    def prompt_identity(self) -> str:
+        if self.key.prompt_identity is None:
+            raise AttributeError("this teacher has no text tower, so no prompt-aware targets")
+        return self.key.prompt_identity
+
+    @property
+    def teacher(self):
+        """The loaded teacher model (loaded now if this lookup was built from a key)."""
+        if self._model is None:
+            model = self._load()
+            if model.identity != self.key.identity:
+                raise MedAlignError(f"teacher {self.settings.name!r} is not the teacher the run was keyed on "
+                                    f"({model.identity[:12]} != {self.key.identity[:12]}); do not change its files "
+                                    "during a run")
+            self._model = model
+        return self._model
+
+    def _load(self):
+        if not (self.settings.name or self.settings.factory):
+            raise MedAlignError(f"teacher targets are missing from the cache {self.settings.cache_dir} and "
+                                "teacher.name is not set to compute them; set teacher.name (and .pretrained)")
+        return build_teacher(self.settings)
+
+    def encode_images(self, images, batch_size: int | None = None):
+        return self.teacher.encode_images(images, batch_size)
+
+    def encode_prompt_aware(self, images, questions, batch_size: int | None = None):
+        return self.teacher.encode_prompt_aware(images, questions, batch_size)
+
+    def open_input(self, image):
+        """What the teacher encodes for an image file: the teacher's own reader when it has one
+        (the SynthMed oracle reads the label mask beside the image), else the decoded image."""
+        from ..core.target_cache import _open_image
+
+        reader = getattr(self.teacher, "open_input", None)
+        return reader(image) if reader is not None else _open_image(image)
 
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash
@@ -87,7 +196,7 @@ class TargetLookup:
             questions = [clean_question(q) for q in questions]
         else:
             questions = None
-        return self.cache.get_or_compute(self.teacher, list(image_paths), keys=[self._hash(p) for p in image_paths],
+        return self.cache.get_or_compute(self, list(image_paths), keys=[self._hash(p) for p in image_paths],
                                          questions=questions)
 
 
@@ -206,3 +315,36 @@ def evaluate_split(model, processor, objective, settings: RunSettings, split: st
         max_new_tokens=trainer.max_new_tokens, num_beams=trainer.num_beams, on_predictions=on_predictions,
         radgraph_model=settings.data.radgraph_model, prompt_template=settings.model.prompt_template,
     )
+
+
+def split_metric_names(items: SplitItems, radgraph: bool = False) -> set[str]:
+    """The metric keys (without the split prefix) an evaluation of this split can report."""
+    chosen = [items.dataset.items[i] for i in items.indices]
+    return metric_names({item.answer_type for item in chosen}, {item.question_type for item in chosen},
+                        has_masks=any(item.mask_path is not None for item in chosen), radgraph=radgraph)
+
+
+def check_metric_names(wanted: Mapping[str, str], splits: Mapping[str, SplitItems], radgraph: bool = False) -> None:
+    """Checks that every ``setting -> "val/<name>"`` (or ``test/``) metric is one the evaluation reports.
+
+    Runs on the driver before anything trains: a sweep on a metric its trials never report
+    would otherwise fail once its first trial has trained.
+
+    Raises:
+        ConfigError: naming the setting, the metric, the closest valid one and the choices.
+    """
+
+    for setting, metric in wanted.items():
+        split, _, name = str(metric).partition("/")
+        if split not in splits:
+            continue
+        names = split_metric_names(splits[split], radgraph=radgraph)
+        if name in names:
+            continue
+        scores = sorted(n for n in names if not n.startswith("n_") and "/n_" not in n)
+        close = difflib.get_close_matches(name, scores, n=1)
+        hint = f"did you mean {split}/{close[0]}? " if close else ""
+        kinds = sorted({splits[split].dataset.items[i].answer_type for i in splits[split].indices})
+        raise ConfigError(f"{setting}={metric} is not reported by the evaluation of this data ({split} split, "
+                          f"answer types {kinds}); {hint}choose one of "
+                          f"{[f'{split}/{n}' for n in scores if not n.startswith('by_qtype/')]}")

@@ -117,8 +117,10 @@ class AnswerAttentionTap:
         normed = block.input_layernorm(hidden)
         query_states = normed.gather(1, last[:, None, None].expand(-1, 1, normed.shape[-1]))  # [B, 1, D]
         head_dim = attn.head_dim
-        q = attn.q_proj(query_states).view(batch, 1, -1, head_dim)
-        k = attn.k_proj(normed).view(batch, seq_len, -1, head_dim)
+        # .forward, not a call: the distillation tap hooks these modules' calls (core/tap.py),
+        # and this side computation must not be taken for the block's own projections.
+        q = attn.q_proj.forward(query_states).view(batch, 1, -1, head_dim)
+        k = attn.k_proj.forward(normed).view(batch, seq_len, -1, head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)

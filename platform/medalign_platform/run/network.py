@@ -28,15 +28,16 @@ RAY_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 @contextlib.contextmanager
 def loopback_cluster(address: str | None) -> Iterator[None]:
     """Around ``ray.init``: a cluster it starts gets node address 127.0.0.1, so every port it
-    opens listens on loopback only. Does nothing when ``ray.init`` joins a cluster
-    (:func:`starts_local_cluster`).
+    opens listens on loopback only; a driver joining such a cluster (another ``medalign`` run on
+    this machine, ``ray.address=127.0.0.1:PORT``) keeps 127.0.0.1 too
+    (:func:`joins_loopback_only_cluster`). Does nothing when ``ray.init`` joins any other cluster.
 
     Ray resolves an explicit ``_node_ip_address="127.0.0.1"`` to the machine's outward
     address, so the node address is chosen through Ray's single-machine switch instead: the
     module constant it reads when it starts a node, and the environment variable its child
     processes read. Both are restored afterwards.
     """
-    if not starts_local_cluster(address):
+    if not (starts_local_cluster(address) or joins_loopback_only_cluster(address)):
         yield
         return
     import ray._private.ray_constants as constants
@@ -67,6 +68,35 @@ def starts_local_cluster(address: str | None) -> bool:
         return canonicalize_bootstrap_address(address) is None
     except Exception:  # noqa: BLE001 - an address Ray cannot parse: ray.init reports it, nothing to patch
         return False
+
+
+def joins_loopback_only_cluster(address: str | None, timeout_s: float = 1.0) -> bool:
+    """Whether ``ray.init(address=address)`` joins a cluster on this machine that listens on loopback only.
+
+    Ray replaces a 127.0.0.1 address with the machine's outward one before it connects (a
+    cluster started by ``ray start`` listens there); a cluster started with node address
+    127.0.0.1 (:func:`loopback_cluster`) does not, and ``ray.init`` then retried "Failed to
+    connect to GCS" for minutes. So: a loopback ``host:port`` whose port does not answer on the
+    outward address.
+    """
+    from ..common.errors import ClusterError
+    from .cluster import host_port
+
+    if address in LOCAL_ADDRESSES or address == "auto" or "://" in address:  # ray:// is Ray Client's
+        return False
+    try:
+        target = host_port(address)
+    except ClusterError:  # not host:port: ray.init reports it
+        return False
+    if target is None or target[0] not in LOOPBACK_HOSTS:
+        return False
+    import ray
+
+    try:
+        socket.create_connection((ray.util.get_node_ip_address(), target[1]), timeout=timeout_s).close()
+    except OSError:
+        return True
+    return False
 
 
 def machine_address(ipv6: bool = False) -> str:

@@ -124,6 +124,8 @@ def teacher_layout(teacher: dict) -> dict:
     Raises:
         ConfigError: a missing file, or a config that is not in the local cache.
     """
+    from ..core.teacher import HF_CLIP_PREFIX, LOCAL_DIR_PREFIX
+
     name = str(teacher.get("name") or "")
     if teacher.get("factory"):   # built in code (e.g. SynthMed's oracle): ask the teacher itself
         from .evaluation import build_teacher
@@ -133,8 +135,8 @@ def teacher_layout(teacher: dict) -> dict:
         return {"kind": f"{type(built).__name__} ({teacher['factory']})", "grid": tuple(built.grid),
                 "width": int(built.width), "params": 0, "has_text": bool(getattr(built, "has_text", False)),
                 "source": str(teacher["factory"])}
-    if name.startswith("hf-clip:"):
-        source = name[len("hf-clip:"):]
+    if name.startswith(HF_CLIP_PREFIX):
+        source = name[len(HF_CLIP_PREFIX):]
         local = Path(source).expanduser() / "config.json"
         path = local if local.is_file() else _hub_file(source, "config.json")
         if path is None:
@@ -144,8 +146,8 @@ def teacher_layout(teacher: dict) -> dict:
         side = int(vision["image_size"]) // int(vision["patch_size"])
         return {"kind": "transformers CLIPModel", "grid": (side, side), "width": int(vision["hidden_size"]),
                 "params": None, "has_text": True, "source": str(path)}
-    if name.startswith("local-dir:"):
-        path = Path(name[len("local-dir:"):]).expanduser() / "open_clip_config.json"
+    if name.startswith(LOCAL_DIR_PREFIX):
+        path = Path(name[len(LOCAL_DIR_PREFIX):]).expanduser() / "open_clip_config.json"
         if not path.is_file():
             raise ConfigError(f"teacher.name={name}: {path} does not exist")
         config = json.loads(path.read_text())
@@ -180,6 +182,8 @@ def teacher_layout(teacher: dict) -> dict:
 def compute_dtype_of(settings: RunSettings) -> tuple[str, str]:
     """``(weight dtype, activation dtype)`` of a run on GPU."""
     weight, precision = settings.model.dtype, settings.trainer.precision
+    if weight == "auto":  # what a GPU run loads (torch_dtype)
+        weight = "bfloat16"
     if weight in ("bfloat16", "float16"):
         return weight, weight
     return weight, "float32" if precision == "fp32" else "bfloat16"
@@ -304,6 +308,8 @@ class PreflightReport:
 
 def _check_dtype_and_attention(settings: RunSettings, report: PreflightReport) -> None:
     use_gpu, dtype = settings.ray.use_gpu, settings.model.dtype
+    if dtype == "auto":  # what the workers load (core.student.torch_dtype)
+        dtype = "bfloat16" if use_gpu else "float32"
     implementation, precision = settings.model.attn_implementation, settings.trainer.precision
     if implementation == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:

@@ -4,7 +4,9 @@ The driver resolves and checks the config, fills the shared teacher-target cache
 passes the plain dict to :func:`train_loop_per_worker` through ``train_loop_config``.
 Workers run it with :func:`medalign_platform.run.runner.run_in_process`, reporting through
 ``ray.train.report``; a restarted worker group (``FailureConfig``) resumes from
-``ray.train.get_checkpoint()`` at the same step.
+``ray.train.get_checkpoint()`` at the same step, or from a newer complete checkpoint in the
+run's folder: a worker killed right after a report can die before the controller records
+that checkpoint in its snapshot (:func:`resume_source`).
 """
 
 from __future__ import annotations
@@ -33,11 +35,36 @@ def train_loop_per_worker(config: dict) -> None:
         ray_checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ray_checkpoint)
 
-    resume = None
-    if checkpoint is not None:
-        resume = lambda scratch: Path(checkpoint.to_directory(str(scratch / "resume")))  # noqa: E731
+    run = config.get("run", {})
+    resume = resume_source(checkpoint, Path(run.get("output_dir", ".")) / str(run.get("name")))
     run_in_process(config, report, device=ray.train.torch.get_device(), rank=context.get_world_rank(),
                    world_size=context.get_world_size(), resume=resume)
+
+
+def resume_source(checkpoint, run_dir: Path):
+    """Where a (re)started worker resumes from: ``scratch -> folder``, or None to start from scratch.
+
+    Ray's checkpoint (the newest its controller recorded), unless the run's folder holds a
+    newer complete one (verified against its manifest; a partial copy is skipped with a
+    warning): Ray persists a reported checkpoint before its controller records it, so a
+    worker group that dies in between would otherwise redo those steps. Only a run folder on
+    a local or mounted filesystem is looked at.
+    """
+    from .checkpoint import checkpoint_step, complete_checkpoints
+
+    ray_step, ray_local = -1, None
+    if checkpoint is not None:
+        local_fs = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local") == "local"
+        ray_local = Path(checkpoint.path) if local_fs else None
+        ray_step = checkpoint_step(ray_local) if ray_local is not None else -1
+    on_disk = [pair for pair in complete_checkpoints(run_dir, "checkpoint_*") if pair[0] >= 0] \
+        if run_dir.is_dir() else []
+    newest = max(on_disk, key=lambda pair: pair[0], default=None)
+    if newest is not None and newest[0] > ray_step:
+        return lambda scratch: newest[1]
+    if checkpoint is None:
+        return None
+    return lambda scratch: Path(checkpoint.to_directory(str(scratch / "resume")))
 
 
 def build_trainer(settings: RunSettings, *, callbacks: list | None = None):

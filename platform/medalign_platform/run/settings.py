@@ -38,8 +38,9 @@ class ModelSettings(Settings):
     path: str | None = setting(None, "Student: a save_pretrained directory or a hub id (LLaVA family).")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
         "sdpa", "Attention kernel of the student; the tap works with all three.")
-    dtype: Literal["float32", "bfloat16", "float16"] = setting("float32", "The weights as loaded (bfloat16 on GPU "
-                                                                          "halves them).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", "The student's weights as loaded, in training and evaluation alike (LoRA and steer stay "
+                "float32); auto: bfloat16 on a GPU (half the memory), float32 on the CPU.")
     prompt_template: str = setting("auto", "auto (the processor's chat template) | llava_v1 | vicuna_v1 | "
                                            "mistral_instruct | qwen_chatml | a format string with {question}.")
     grid: list[int] | None = setting(None, "The visual grid [rows, cols] this preset expects (checked at load and by "
@@ -106,9 +107,17 @@ class TrainerSettings(Settings):
     seed: int = setting(0, "Seeds LoRA/steer weights, data order and dropout.")
     precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto: bf16 autocast on GPU, fp32 on CPU.")
     num_threads: int = setting(0, "torch CPU threads per worker (0 = leave as is).", ge=0)
-    gradient_checkpointing: bool = setting(False, "Recompute decoder blocks in backward (non-reentrant): activation "
-                                                  "memory drops to about one layer input per block; a 7B step costs "
-                                                  "~1.5x (measured on an H200).")
+    data_workers: int = setting(
+        2, "DataLoader worker processes per training process (image decode, processor, teacher targets); "
+           "0 = in the training process. Capped at the CPUs the process holds minus one (inside Ray: its "
+           "CPU resources, e.g. ray.resources_per_worker.CPU or sweep.trial_resources.CPU).", ge=0)
+    prefetch_batches: int = setting(4, "Micro-batches each data worker prepares ahead.", ge=1)
+    gradient_checkpointing: bool = setting(False, "Recompute decoder blocks in backward (non-reentrant; works with "
+                                                  "the tap's hooks and LoRA): activation memory drops to about one "
+                                                  "layer input per block; a 7B step costs ~1.5x (measured on an H200).")
+    compile: bool = setting(
+        False, "torch.compile each LLM decoder block of the student (the tap's hooks compile with "
+               "block L); evaluation runs eager.")
 
 
 @dataclass
@@ -118,6 +127,10 @@ class RaySettings(Settings):
     section: ClassVar[str] = "ray"
 
     address: str | None = setting(None, "null: start or join a local cluster; 'auto' or ray://... to join one.")
+    # Ray's dashboard is a head process with 9 module processes: ~2.6 s more CPU per cluster
+    # start on a 2-core machine (benchmarks/ray_cluster_cost.py, docs/run.md).
+    include_dashboard: bool = setting(True, "Start Ray's dashboard (jobs, actors, Train runs; port 8265) with a "
+                                            "local cluster the platform starts; ignored when joining a cluster.")
     num_workers: int = setting(1, "Data-parallel workers (DDP: gloo on CPU, NCCL on GPU).", ge=1)
     use_gpu: bool = setting(False, "One GPU per worker.")
     resources_per_worker: dict[str, float] = setting(factory=lambda: {"CPU": 1.0},
@@ -151,6 +164,14 @@ class OutputSettings(Settings):
     output_dir: str = setting("runs", "Ray Train storage path: a local folder (shared by every node of a multi-node "
                                       "cluster) or a URI such as s3://bucket/prefix.")
     log_dir: str | None = setting(None, "TensorBoard folder (default: <output_dir>/<name>/tensorboard).")
+    console_log: str | None = setting(None, "File the run's worker processes write their stdout/stderr to "
+                                            "(a sweep sets one per trial); null: the console.")
+
+    def check(self) -> None:
+        if self.name is not None and (not self.name.strip() or self.name in (".", "..") or "/" in self.name
+                                      or "\\" in self.name or self.name.startswith("~")):
+            self.fail("name", f"must be a plain folder name (no '/', '..' or '~'), got {self.name!r}: runs live in "
+                              f"run.output_dir/run.name; to write elsewhere set run.output_dir")
 
 
 @dataclass
@@ -232,13 +253,15 @@ class RunSettings:
         for key in ("name", "cache_dir"):
             if not getattr(self.teacher, key):
                 raise ConfigError(f"teacher.{key} is not set; choose a teacher preset (teacher=...) or set it")
+        from ..core.teacher import HF_CLIP_PREFIX, LOCAL_DIR_PREFIX
+
         name = str(self.teacher.name)
-        if name.startswith("hf-clip:") and name[len("hf-clip:"):].startswith(("/", ".", "~")):
-            folder = Path(name[len("hf-clip:"):]).expanduser()
+        if name.startswith(HF_CLIP_PREFIX) and name[len(HF_CLIP_PREFIX):].startswith(("/", ".", "~")):
+            folder = Path(name[len(HF_CLIP_PREFIX):]).expanduser()
             if not (folder / "config.json").is_file():
                 raise ConfigError(f"teacher.name={name!r}: no config.json there; point it at a transformers CLIPModel "
                                   "folder (e.g. PubMedCLIP downloaded)")
-        if name.startswith("local-dir:") and not (Path(name[len("local-dir:"):]) / "open_clip_config.json").is_file():
+        if name.startswith(LOCAL_DIR_PREFIX) and not (Path(name[len(LOCAL_DIR_PREFIX):]) / "open_clip_config.json").is_file():
             raise ConfigError(f"teacher.name={name!r}: no open_clip_config.json there; run `medalign prepare` "
                               "or point it at an open_clip local-dir export")
         if self.teacher.pretrained and not Path(self.teacher.pretrained).is_file():

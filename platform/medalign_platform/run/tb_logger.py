@@ -56,13 +56,17 @@ class RunLogger:
     Args:
         log_dir: this run's event directory.
         config: the resolved run config, logged as hparams and as text.
+        purge_step: when set, TensorBoard hides events of earlier event files in this folder
+            at steps ``>= purge_step`` (a resumed run passes its checkpoint's step + 1, a run
+            restarted from scratch 0): what a process logged after its last checkpoint and
+            before it died is not shown twice.
     """
 
-    def __init__(self, log_dir: Path, config: dict):
+    def __init__(self, log_dir: Path, config: dict, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
-        self.writer = SummaryWriter(str(self.log_dir))
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
         self.config = config
         self.writer.add_text("config", "```\n" + "\n".join(f"{k}: {v}" for k, v in flat_hparams(config).items()) + "\n```", 0)
 

@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from ..data.conversations import read_mask
 from ..data.metrics import grounding_score, mean_grounding_score
-from ..core.teacher import ExpertTeacher, load_teacher
+from ..core.teacher import LOCAL_DIR_PREFIX, ExpertTeacher, load_teacher
 from ..run.optimization import batch_stream, warmup_cosine_lr
 from .generator import pretrain_file
 from .tiny_teacher import _preprocess_cfg, tiny_teacher_config
@@ -401,7 +401,7 @@ def evaluate_expert_clip(
     """
     teacher = teacher_dir_or_teacher
     if not isinstance(teacher, ExpertTeacher):
-        teacher = load_teacher("local-dir:" + str(teacher))
+        teacher = load_teacher(LOCAL_DIR_PREFIX + str(teacher))
     pairs = load_report_pairs(data_dir, split)[:n_pairs]
     images = []
     for p in pairs:

@@ -172,7 +172,8 @@ class OracleTeacher:
         return TeacherOutputs(patch_tokens=torch.from_numpy(np.stack([p for p, _ in pairs])),
                               cls_attention=torch.from_numpy(np.stack([a for _, a in pairs])), grid=self.grid)
 
-    def encode_prompt_aware(self, images: Sequence, questions: Sequence[str]) -> torch.Tensor:
+    def encode_prompt_aware(self, images: Sequence, questions: Sequence[str],
+                            batch_size: int | None = None) -> torch.Tensor:
         """``[B, h*w]``: each cell's share of the area of the lesion each question names."""
         maps = [oracle_targets(labels, relevant_region(labels, q), self.grid)[1]
                 for labels, q in zip(self._labels(images), questions, strict=True)]

@@ -15,8 +15,8 @@ Overrides:
 * ``layers=[1,2,3]`` (required) and ``seeds=[0,1,2]`` (default): the grid.
 * ``ablation.*`` (:class:`AblationOptions`): the metric and mode that pick the best layer,
   the folder (``name``, ``output_dir``), ``max_concurrent`` and ``executor``.
-* ``sweep.{trial_resources,num_workers,verbose,seed,resume_errored,restart_errored}`` pass
-  through to the sweep (the other sweep keys are what makes this an ablation); ``resume=true``.
+* ``sweep.{trial_resources,num_workers,verbose,seed,resume_errored,restart_errored,reuse_actors}``
+  pass through to the sweep (the other sweep keys are what makes this an ablation); ``resume=true``.
 * Everything else is a run-config override.
 
 After the sweep, :func:`~medalign_platform.tune.ablation_report.summarize_ablation` writes
@@ -39,12 +39,15 @@ from ..common.settings import Settings, setting
 from ..run.filesystems import is_uri
 from .ablation_report import ABLATION_DIR, LAYER_KEY, SEED_KEY, SPEC_FILE, cell_text, summarize_ablation
 from .layout import SWEEP_SPEC_FILE
+from .outcome import sweep_outcome
 from .settings import SweepOptions, SweepRequest
 
 GRID_FILE = "layers_seeds.yaml"        # the grid search space, as the sweep records it
 DEFAULT_SEEDS = [0, 1, 2]
 # sweep.* keys a user may still pass; the others are what makes this an ablation.
-SWEEP_PASSTHROUGH = ("trial_resources", "num_workers", "verbose", "seed", "resume_errored", "restart_errored")
+# reuse_actors is allowed here, unlike in an ASHA sweep: the grid never stops a trial early.
+SWEEP_PASSTHROUGH = ("trial_resources", "num_workers", "verbose", "seed", "resume_errored", "restart_errored",
+                     "reuse_actors")
 
 
 @dataclass
@@ -60,6 +63,8 @@ class AblationOptions(Settings):
     output_dir: str = setting("sweeps", "The folder name lives in.")
     max_concurrent: int | None = setting(None, "Trials at once (default: the sweep's).", ge=1)
     executor: Literal["auto", "train", "inline"] | None = setting(None, "auto | train | inline (default: the sweep's).")
+    allow_test_selection: bool = setting(False, "Allow ablation.metric on test/* (picking the best layer on the test "
+                                                "split makes its score an optimistic estimate).")
 
     def check(self) -> None:
         metric = self.metric
@@ -67,7 +72,7 @@ class AblationOptions(Settings):
             self.fail("metric", f"={metric!r} must be an evaluation metric like val/closed_accuracy, val/grounding "
                                 f"or test/closed_accuracy")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
-            self.fail("name", f"={self.name!r} must be a plain folder name")
+            self.fail("name", f"must be a plain folder name (no '/', '.' or '..'), got {self.name!r}")
 
 
 @dataclass
@@ -227,6 +232,10 @@ def plan_ablation(request: AblationRequest) -> AblationPlan:
         raise ConfigError("ablate-layers needs layers=[...], the distillation layers to compare, e.g. layers=[1,2,3]")
     seeds = list(DEFAULT_SEEDS) if seeds is None else seeds
     options = AblationOptions.from_dict({**recorded, **request.options})
+    if options.metric.startswith("test/") and not options.allow_test_selection:
+        raise ConfigError(f"ablation.metric={options.metric} picks the best layer on the test split, which makes its "
+                          f"test score an optimistic estimate; use val/{options.metric.split('/', 1)[1]}, or pass "
+                          f"ablation.allow_test_selection=true to do it anyway")
     if options.metric.startswith("test/") and not base.trainer.test_size > 0:
         raise ConfigError(f"ablation.metric={options.metric}: test metrics need trainer.test_size>0 (the test split "
                           f"is evaluated once, at the end of each trial)")
@@ -279,7 +288,8 @@ def ablate_command(overrides: Sequence[str]) -> int:
     """``medalign ablate-layers ...``: runs the ablation and prints the table and where it went.
 
     Returns:
-        0, or 2 with the message on stderr for bad input.
+        the sweep's exit status (:mod:`~medalign_platform.tune.outcome`: 0 complete, 1 errored
+        trials, 3 partial, 130/143 interrupted), or 2 with the message on stderr for bad input.
     """
     try:
         result = run_ablation(overrides)
@@ -298,4 +308,8 @@ def ablate_command(overrides: Sequence[str]) -> int:
         print(f"  {kind:12s}{path}")
     print(f"tensorboard --logdir {result['files']['tensorboard']}   "
           f"(per trial: tensorboard --logdir {result['experiment_dir']})")
-    return 0
+    sweep = result["sweep"]
+    status, line = sweep_outcome(sweep, sweep["num_samples"], overrides, command="ablate-layers", prefix="ablation",
+                                 experiment_dir=result["experiment_dir"])
+    print(f"medalign ablate-layers: {line}", file=sys.stderr)
+    return status

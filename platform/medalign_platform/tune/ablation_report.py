@@ -13,10 +13,11 @@ import json
 import logging
 import shutil
 import statistics
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..common.atomic import write_json_atomic, write_text_atomic
+from ..common.atomic import move_into_place, write_json_atomic, write_text_atomic
 from ..common.errors import ConfigError
 from .layout import SUMMARY_FILE, SWEEP_SPEC_FILE
 from .records import finite_number, trial_records
@@ -226,26 +227,33 @@ def log_tensorboard(result: dict, png: Path, markdown: str, log_dir: Path) -> Pa
     """The plot (image), the table (Markdown text) and per-layer mean/std scalars (step = layer).
 
     The folder is rebuilt from scratch each time, so a re-summarized ablation shows one
-    value per layer, not one per summary.
+    value per layer, not one per summary. It is built beside the old one and swapped in
+    (:func:`~medalign_platform.common.atomic.move_into_place`): a running TensorBoard, or a
+    build that fails half-way, never sees a half-written or missing folder.
     """
     import numpy as np
     from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
-    shutil.rmtree(log_dir, ignore_errors=True)
-    writer = SummaryWriter(str(log_dir))
+    log_dir = Path(log_dir)
+    building = log_dir.parent / f".{log_dir.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        with Image.open(png) as image:
-            writer.add_image("ablation/plot", np.asarray(image.convert("RGB")), 0, dataformats="HWC")
-        writer.add_text("ablation/table", markdown, 0)
-        for row in result["rows"]:
-            for column, stat in row["stats"].items():
-                if stat["n"]:
-                    writer.add_scalar(f"ablation/{column}/mean", stat["mean"], row["layer"])
-                    writer.add_scalar(f"ablation/{column}/std", stat["std"], row["layer"])
-        writer.flush()
+        writer = SummaryWriter(str(building))
+        try:
+            with Image.open(png) as image:
+                writer.add_image("ablation/plot", np.asarray(image.convert("RGB")), 0, dataformats="HWC")
+            writer.add_text("ablation/table", markdown, 0)
+            for row in result["rows"]:
+                for column, stat in row["stats"].items():
+                    if stat["n"]:
+                        writer.add_scalar(f"ablation/{column}/mean", stat["mean"], row["layer"])
+                        writer.add_scalar(f"ablation/{column}/std", stat["std"], row["layer"])
+            writer.flush()
+        finally:
+            writer.close()
+        move_into_place(building, log_dir)
     finally:
-        writer.close()
+        shutil.rmtree(building, ignore_errors=True)
     return log_dir
 
 

@@ -4,14 +4,21 @@
 
     <sweep.output_dir>/<sweep.name>/
         sweep.json            the resolved sweep plan, base config and search space (resume, status)
+        driver.json           the sweep driver: pid, host, state (running | finished | interrupted), exit status
+        errored.json          the trials the driver saw error for good
         summary.json          what run_sweep returned, plus one record per trial
+        driver.log            what the driver's libraries logged (Ray, Tune, Optuna), when the console is quiet
         optuna.db             the Optuna study (SQLite; study name = sweep name)
         experiment_state-*    Ray Tune's own state (Tuner.restore)
         trial_<id>/           one folder per Tune trial:
             final.json            its final metrics and timings
+            result.json           one JSON line per evaluation Tune received (append-only across resumes)
+            progress.csv          the same rows as CSV
+            trial.log             what the trial's processes printed (quiet console)
             tensorboard/          its TensorBoard events
             train/                its Ray Train run (executor=train): checkpoints, snapshot
             checkpoint_*/         its Tune checkpoints (executor=inline), each with manifest.json
+            .restarted-<time>/    what an errored attempt left, set aside by resume=true sweep.restart_errored=true
         results/              medalign status: leaderboard, best_experiment.yaml, importances, history
         tensorboard/          medalign status: one HParams run per trial
         ablation/             medalign ablate-layers: the grid, its table, plot and TensorBoard
@@ -25,7 +32,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import stat
+import time
 from pathlib import Path
 
 from ..common.errors import ConfigError
@@ -33,11 +42,15 @@ from ..run.filesystems import StoragePath, is_uri, mirror
 from .study_storage import StudyStorage, resolve_storage
 
 SWEEP_SPEC_FILE = "sweep.json"
+DRIVER_FILE = "driver.json"
+ERRORED_FILE = "errored.json"  # {trial id: {"at": time}} of trials that errored for good (tune/result_log.py)
+DRIVER_LOG = "driver.log"
+TRIAL_LOG = "trial.log"
 SUMMARY_FILE = "summary.json"
 FINAL_FILE = "final.json"
 STUDY_FILE = "optuna.db"
 TRAIN_RUN_NAME = "train"      # the Ray Train run's folder inside each trial folder
-MANIFEST_FILE = "manifest.json"  # {relative path: size} of an inline trial's checkpoint files
+MANIFEST_FILE = "manifest.json"  # size and SHA-256 of every file of a checkpoint (run/checkpoint.py)
 META_KEY = "_sweep"           # reserved top-level key of a trial config: experiment dir, executor, rules
 
 
@@ -165,3 +178,51 @@ def check_experiment_dir(path: str | Path) -> Path:
         raise ConfigError(f"{path}: the sweep has not saved Ray Tune's experiment state yet (it is still starting); "
                           f"run `medalign status {path}` again once its first trial runs")
     return folder.resolve()
+
+
+def write_driver_state(experiment_dir: str | Path | StoragePath, state: str, **extra) -> None:
+    """Records the sweep driver in ``driver.json`` (a local folder or a URI): this process, its host and ``state``."""
+    import psutil
+
+    me = psutil.Process()
+    (StoragePath(experiment_dir) / DRIVER_FILE).write_json({
+        "pid": me.pid, "host": socket.gethostname(), "create_time": me.create_time(), "state": state,
+        "updated": time.time(), **extra})
+
+
+def read_driver_state(experiment_dir: str | Path | StoragePath) -> dict:
+    """``driver.json`` (``{}`` when absent or unreadable)."""
+    try:
+        return json.loads((StoragePath(experiment_dir) / DRIVER_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def sweep_running(experiment_dir: str | Path | StoragePath) -> bool:
+    """Whether a sweep driver is running on this folder now.
+
+    True when ``driver.json`` says ``running`` and its process is alive (checked by pid and
+    start time on this host; a driver on another host is taken at its word).
+    """
+    import psutil
+
+    state = read_driver_state(experiment_dir)
+    if state.get("state") != "running":
+        return False
+    if state.get("host") != socket.gethostname():
+        return True
+    try:
+        process = psutil.Process(int(state.get("pid", -1)))
+        same = abs(process.create_time() - float(state.get("create_time", 0))) < 1.0  # not a reused pid
+        return same and process.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ValueError, TypeError):
+        return False
+
+
+def read_errored(experiment_dir: str | Path | StoragePath) -> dict:
+    """``errored.json`` (``{}`` when absent or unreadable)."""
+    try:
+        data = json.loads((StoragePath(experiment_dir) / ERRORED_FILE).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}

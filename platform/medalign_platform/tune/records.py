@@ -16,19 +16,38 @@ from typing import Any
 
 from ..common.keys import get_flat, has_flat
 from ..run.filesystems import StoragePath, is_uri, join, relocate
-from .layout import FINAL_FILE, META_KEY, load_spec, mirror_experiment, study_storage, trial_folder
+from .layout import (FINAL_FILE, META_KEY, load_spec, mirror_experiment, read_errored, study_storage, sweep_running,
+                     trial_folder)
 from .settings import SweepPlan
 from .trial import scalars, trial_run_config
 
 
-def live_records(records: Sequence[dict]) -> list[dict]:
-    """Trial records with the status a running sweep really has.
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")
+
+
+def live_records(records: Sequence[dict], running: bool = True, errored: Sequence[str] = ()) -> list[dict]:
+    """Trial records with the status the sweep really has, the same in the summary and the leaderboard.
 
     Tune's saved experiment state turns RUNNING trials into PENDING when it is loaded (ready
-    to be restarted), so a PENDING trial that has already reported a result is running.
+    to be restarted). An unfinished trial that has reported a result is ``RUNNING`` while
+    the sweep's driver runs and ``INTERRUPTED`` once it has stopped (``resume=true``
+    continues it); one without a result is ``PENDING``.
+
+    Args:
+        running: whether the sweep driver is running (:func:`~.layout.sweep_running`).
+        errored: trial ids the driver saw error for good (``errored.json``); their status is
+            ``ERROR`` even where Tune's last snapshot still says otherwise.
     """
-    return [{**r, "status": "RUNNING"} if r["status"] == "PENDING" and r["metrics"].get("step") is not None else r
-            for r in records]
+    out = []
+    for record in records:
+        if record["status"] in UNFINISHED and record["trial_id"] in errored:
+            record = {**record, "status": "ERROR"}
+        elif record["status"] in UNFINISHED or record["status"] == "INTERRUPTED":
+            started = record["metrics"].get("step") is not None
+            status = ("RUNNING" if running else "INTERRUPTED") if started else "PENDING"
+            record = {**record, "status": status}
+        out.append(record)
+    return out
 
 
 def finite_number(value: Any) -> int | float | None:
@@ -40,9 +59,19 @@ def finite_number(value: Any) -> int | float | None:
 
 def trial_records(experiment_dir: Path) -> list[dict]:
     """One record per Tune trial: id, status, sampled values, last evaluation metrics, timings."""
+    import logging
+
     from ray.tune import ExperimentAnalysis
 
-    analysis = ExperimentAnalysis(str(experiment_dir))
+    # It also loads every trial's result.json, and warns for trials that have none yet
+    # (started, no result): records need only its trial list.
+    analysis_logger = logging.getLogger("ray.tune.analysis.experiment_analysis")
+    level = analysis_logger.level
+    analysis_logger.setLevel(logging.ERROR)
+    try:
+        analysis = ExperimentAnalysis(str(experiment_dir))
+    finally:
+        analysis_logger.setLevel(level)
     spec = load_spec(Path(experiment_dir))
     keys = [k for k in spec["search_space"] if k != "points_to_evaluate"]
     records = []
@@ -65,8 +94,8 @@ def trial_records(experiment_dir: Path) -> list[dict]:
             "time_total_s": last.get("time_total_s"),  # Tune's trial time at its last result (running trials)
             # The copy in the trial folder: Trial.error_file is the Ray session's staging copy and
             # needs ray.init (medalign status reads a sweep from a plain process).
-            "error": (str(folder / trial.run_metadata.error_filename)
-                      if trial.run_metadata.error_filename else None),
+            "error": (str(folder / trial.run_metadata.error_filename) if trial.run_metadata.error_filename
+                      else str(folder / "error.txt") if (folder / "error.txt").is_file() else None),
         })
     return records
 
@@ -108,12 +137,14 @@ def _overhead(records: list[dict], config: dict) -> dict:
 
 
 def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = None, close_orphans: bool = False,
-              study=None) -> dict:
+              study=None, running: bool | None = None) -> dict:
     """The sweep's summary from its folder: trial counts, the best trial, the study.
 
     Safe to call on a running sweep (``medalign status``). ``close_orphans`` (the driver,
     after ``fit`` returned) marks study trials still RUNNING as FAIL: a driver killed after
-    asking Optuna for a trial but before Tune saved it leaves them behind.
+    asking Optuna for a trial but before Tune saved it leaves them behind. Trial statuses
+    are :func:`live_records`' (``running``: whether the driver runs; default: read from
+    ``driver.json``).
 
     Args:
         experiment_dir: the sweep folder, local or remote (``s3://...``: its records are read
@@ -124,7 +155,7 @@ def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = N
     if is_uri(experiment_dir):
         location = StoragePath(experiment_dir)
         local = mirror_experiment(location)
-        summary = relocate(summarize(local, wall_s, close_orphans, study), local, location)
+        summary = relocate(summarize(local, wall_s, close_orphans, study, running), local, location)
         if study is None and summary["study"]["file"]:
             summary["study"]["storage"] = join(location, summary["study"]["file"])
         return summary
@@ -134,7 +165,9 @@ def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = N
     spec = load_spec(experiment_dir)
     settings = SweepPlan(**spec["settings"])
     study = study or study_storage(experiment_dir, spec)
-    records = trial_records(experiment_dir)
+    if running is None:
+        running = sweep_running(experiment_dir)
+    records = live_records(trial_records(experiment_dir), running, list(read_errored(experiment_dir)))
     counts: dict[str, int] = {}
     for record in records:
         counts[record["status"]] = counts.get(record["status"], 0) + 1
@@ -153,7 +186,7 @@ def summarize(experiment_dir: str | Path | StoragePath, wall_s: float | None = N
     storage = study
     study = optuna.load_study(study_name=settings.name, storage=storage.open())
     # Optuna trials asked by a driver that was killed before Tune saved them never finish: mark them.
-    live = counts.get("RUNNING", 0) + counts.get("PENDING", 0)
+    live = counts.get("RUNNING", 0) + counts.get("PENDING", 0) + counts.get("INTERRUPTED", 0)
     if close_orphans and live == 0:
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(trial.number, state=optuna.trial.TrialState.FAIL)

@@ -41,7 +41,7 @@ from ..run.filesystems import StoragePath, is_uri, join, relocate
 from .layout import SWEEP_SPEC_FILE, check_experiment_dir, study_storage
 from .leaderboard import (LEADERBOARD_CSV, is_breakdown, is_count, leaderboard_document, leaderboard_markdown,
                           leaderboard_rows, write_leaderboard_csv)
-from .records import live_records, summarize
+from .records import summarize
 from .study_report import load_study, optuna_numbers, param_importances, plot_history, plot_importances
 from .sweep_tensorboard import write_tensorboard
 
@@ -90,11 +90,7 @@ def write_results(experiment_dir: str | Path, *, top: int | None = None) -> dict
     folder = check_experiment_dir(experiment_dir)
     spec = json.loads((folder / SWEEP_SPEC_FILE).read_text())
     name = spec["settings"]["name"]
-    summary = summarize(folder)
-    summary["records"] = live_records(summary["records"])
-    summary["trials"] = {}
-    for record in summary["records"]:
-        summary["trials"][record["status"]] = summary["trials"].get(record["status"], 0) + 1
+    summary = summarize(folder)  # statuses as the sweep's own summary gives them (running or interrupted)
     study = load_study(folder, name)
     numbers = optuna_numbers(study)
     pareto_ids = None

@@ -78,11 +78,19 @@ class SweepOptions(Settings):
     num_workers: int = setting(1, "Ray Train workers (DDP) per trial.", ge=1)
     executor: Literal["auto", "train", "inline"] = setting(
         "auto", "train: each trial a Ray Train run; inline: the loop in the trial actor; auto: inline for "
-                "1-worker trials, train for DDP ones.")
+                "1-worker CPU trials, train for GPU or DDP ones.")
     resume: bool = setting(False, "Continue the sweep in output_dir/name (same as resume=true).")
     resume_errored: bool = setting(False, "On resume, continue errored trials from their checkpoints.")
     restart_errored: bool = setting(False, "On resume, restart errored trials from scratch.")
-    verbose: int = setting(1, "Tune console verbosity 0..3.", ge=0, le=3)
+    reuse_actors: bool = setting(False, "Give a finished trial's actor to the next trial (saves its start and "
+                                        "imports). Off by default: Ray Tune counts a cached actor that dies as two "
+                                        "failures of the trial it is handed to and ends that trial ERROR, whatever "
+                                        "ray.max_failures says. Needs sweep.asha.enabled=false.")
+    verbose: int = setting(1, "Console: 0 the summary only; 1 one progress view (trial chatter in log files); "
+                              "2 Tune's own tables and every trial's output too; 3 also Tune's per-result detail.",
+                           ge=0, le=3)
+    allow_test_selection: bool = setting(False, "Allow sweep.metric(s) on test/*: choosing on the test split makes "
+                                                "its score an optimistic estimate (needs sweep.asha.enabled=false).")
 
     def check(self) -> None:
         if self.trial_resources is not None:
@@ -92,7 +100,7 @@ class SweepOptions(Settings):
                 if amount < 0:
                     self.fail(f"trial_resources.{key}", f"must be a number >= 0, got {amount}")
         if self.name is not None and ("/" in self.name or self.name in ("", ".", "..")):
-            self.fail("name", f"={self.name!r} must be a plain folder name")
+            self.fail("name", f"must be a plain folder name (no '/', '.' or '..'), got {self.name!r}")
         from .study_storage import check_setting
 
         check_setting(self.storage)
@@ -161,7 +169,9 @@ class SweepPlan:
     restart_errored: bool
     verbose: int
     config_overrides: list[str] = dataclasses.field(default_factory=list)
+    allow_test_selection: bool = False
     storage: str | None = None    # sweep.storage as given (see tune/study_storage.py)
+    reuse_actors: bool = False    # absent from the sweep.json of sweeps recorded before it existed
 
     @property
     def multi_objective(self) -> bool:
@@ -204,6 +214,21 @@ class SweepPlan:
         return {k: copy.deepcopy(v) for k, v in self.__dict__.items()}
 
 
+def resolve_executor(executor: str, num_workers: int, resources: dict) -> str:
+    """``sweep.executor`` resolved: ``auto`` is inline only for 1-worker CPU trials.
+
+    Inline saves Ray Train's fixed cost per trial (controller, worker actor, process group:
+    ~10-25 s on a 2-core machine, ``benchmarks/sweep_overhead.py``), which dominates short
+    CPU trials. A GPU trial runs on Ray Train like ``medalign train``: worker restarts,
+    DDP, NCCL, the same code path as a single run, and its start-up is small beside a GPU
+    run. Fractional GPUs (``trial_resources={GPU: 0.5}``) go to the Train workers, so two
+    or more trials share a GPU either way.
+    """
+    if executor == "auto":
+        return "inline" if num_workers == 1 and resources.get("GPU", 0) == 0 else "train"
+    return executor
+
+
 def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace") -> SweepPlan:
     """Fills the request's defaults that depend on the run config and the space, and checks them.
 
@@ -224,6 +249,14 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         if not metric.startswith(("val/", "test/")):
             raise ConfigError(f"sweep metric {metric!r} is not an evaluation metric; trials report val/* at each "
                               f"evaluation (e.g. val/closed_accuracy, val/open_recall, val/grounding)")
+    on_test = [metric for metric in metrics if metric.startswith("test/")]
+    if on_test and not options.allow_test_selection:
+        raise ConfigError(f"sweep.metric={on_test[0]} selects trials on the test split, which makes the winner's test "
+                          f"score an optimistic estimate; select on val/{on_test[0].split('/', 1)[1]}, or pass "
+                          f"sweep.allow_test_selection=true to do it anyway")
+    if on_test and options.asha.enabled and len(metrics) == 1:
+        raise ConfigError(f"sweep.metric={on_test[0]}: test/* is reported only at the end of each trial, so ASHA "
+                          f"cannot rank trials on it at its rungs; pass sweep.asha.enabled=false")
 
     sampler = options.sampler or ("grid" if space.has_grid else "tpe")
     if space.has_grid and sampler != "grid":
@@ -259,19 +292,24 @@ def resolve_plan(request: SweepRequest, base: "RunSettings", space: "SearchSpace
         logger.warning("fractional GPUs with %d workers per trial: each worker gets %s GPU",
                        options.num_workers, resources["GPU"])
 
-    executor = options.executor
-    if executor == "auto":  # measured trade-off: docs/sweeps.md, benchmarks/sweep_overhead.py
-        executor = "inline" if options.num_workers == 1 else "train"
+    executor = resolve_executor(options.executor, options.num_workers, resources)
     if executor == "inline" and options.num_workers != 1:
         raise ConfigError("sweep.executor=inline runs each trial in one process: it needs sweep.num_workers=1")
 
     search = request.search if isinstance(request.search, str) else space.source
     name = options.name or f"{base.run.name or 'sweep'}-{Path(str(search)).stem}"
-    return SweepPlan(
+    plan = SweepPlan(
         search=str(search), name=name, output_dir=normalize(options.output_dir), storage=options.storage,
         num_samples=num_samples, max_concurrent=options.max_concurrent, metrics=list(metrics), modes=list(modes),
         sampler=sampler, seed=options.seed, n_startup_trials=int(n_startup), asha=asha,
         trial_resources=dict(resources), num_workers=options.num_workers, executor=executor, resume=options.resume,
         resume_errored=options.resume_errored, restart_errored=options.restart_errored, verbose=options.verbose,
-        config_overrides=list(request.config_overrides),
+        config_overrides=list(request.config_overrides), allow_test_selection=options.allow_test_selection,
+        reuse_actors=options.reuse_actors,
     )
+    if plan.reuse_actors and plan.asha_enabled:
+        # Tune cannot hand on the actor of a trial it stopped early (the trial's thread still
+        # runs), so the next trial would error.
+        raise ConfigError("sweep.reuse_actors=true cannot be used with ASHA early stopping; pass "
+                          "sweep.asha.enabled=false, or leave sweep.reuse_actors=false")
+    return plan

@@ -8,6 +8,7 @@ and swapped in, so a running TensorBoard never sees it half-written.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -76,7 +77,15 @@ def trial_curves(event_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
         return {}
     skip = {"images": 1, "audio": 1, "histograms": 1, "compressedHistograms": 1, "tensors": 1}
     events = EventAccumulator(str(event_dir), size_guidance={"scalars": 0, **skip})
-    events.Reload()
+    # A resumed trial marks the steps it redoes (SummaryWriter's purge_step); TensorBoard then
+    # drops the earlier copies and says so at WARNING, which is expected here, not news.
+    tb_logger = logging.getLogger("tensorboard")
+    level = tb_logger.level
+    tb_logger.setLevel(logging.ERROR)
+    try:
+        events.Reload()
+    finally:
+        tb_logger.setLevel(level)
     curves = {}
     for tag in events.Tags()["scalars"]:
         if tag.startswith(EVAL_PREFIXES) and not is_count(tag):

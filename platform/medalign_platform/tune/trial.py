@@ -14,8 +14,12 @@ rules), points the run at the trial's folder, and trains with
 Either way only evaluation reports reach Tune (it needs the searched metric in every result;
 training scalars go to the trial's TensorBoard), ``final.json`` records the final metrics
 before the last report (ASHA may stop a trial at its last rung), and a restarted trial
-(a resumed sweep) continues from its newest complete checkpoint or replays its recorded
-final metrics when its training had already finished.
+(a resumed sweep) continues from its newest complete checkpoint (verified against its
+manifest's checksums) or replays its recorded final metrics when its training had already
+finished. A restarted inline trial never writes into an existing checkpoint folder: Tune
+numbers checkpoints from the index its last saved state knew, which can be behind the
+folders on disk, so the trial moves its index past them first. With a quiet console
+(``sweep.verbose`` < 2) everything the trial's processes print goes to ``trial.log``.
 """
 
 from __future__ import annotations
@@ -28,9 +32,9 @@ import time
 from pathlib import Path
 
 from ..common.keys import flatten
-from ..run.checkpoint import TRAINER_STATE
+from ..run.checkpoint import TRAINER_STATE, complete_checkpoints, seal_checkpoint
 from ..run.filesystems import StoragePath, join
-from .layout import FINAL_FILE, MANIFEST_FILE, META_KEY, TRAIN_RUN_NAME, trial_location
+from .layout import FINAL_FILE, MANIFEST_FILE, META_KEY, TRAIN_RUN_NAME, TRIAL_LOG, trial_location
 from .search_space import Rule, apply_rules
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ def trial_base_config(base_config: dict, plan, space) -> dict:
         "experiment_dir": plan.experiment_location,  # a local path or a URI
         "executor": plan.executor,
         "rules": [rule.to_dict() for rule in space.rules.values()],
+        "console_log": plan.verbose < 2,  # quiet console: the trial's output goes to trial.log
     }
     return config
 
@@ -71,6 +76,8 @@ def trial_run_config(trial_config: dict, trial_dir: Path | StoragePath | str) ->
                          [Rule.from_dict(item) for item in meta.get("rules", [])])
     config["run"] = {**config.get("run", {}), "output_dir": str(trial_dir), "name": TRAIN_RUN_NAME,
                      "log_dir": join(str(trial_dir), "tensorboard")}
+    if meta.get("console_log") and not StoragePath(str(trial_dir)).is_remote:
+        config["run"]["console_log"] = str(Path(str(trial_dir)) / TRIAL_LOG)
     return config
 
 
@@ -183,11 +190,16 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
 
     max_steps = settings.trainer.max_steps
     checkpoint = ray.tune.get_checkpoint()
+    trial_place = StoragePath(settings.run.output_dir)
+    skip_existing_checkpoint_names(trial_place)
     tune_checkpoint = (StoragePath(_checkpoint_uri(checkpoint, settings.run.output_dir))
                        if checkpoint is not None else None)
+    if tune_checkpoint is not None and not tune_checkpoint.is_remote and tune_checkpoint.is_dir() \
+            and not _complete(tune_checkpoint.local()):
+        checkpoint = tune_checkpoint = None  # half-written: the newest complete one (or none) is used instead
     # Tune restores a trial from the checkpoint its last saved experiment state names, which
     # can be seconds behind (a killed driver); the trial folder may hold a newer complete one.
-    newest = newest_trial_checkpoint(StoragePath(settings.run.output_dir))
+    newest = newest_trial_checkpoint(trial_place)
     tune_step = _checkpoint_step(tune_checkpoint)
     local = None
     if newest is not None and newest[0] > tune_step:
@@ -199,6 +211,11 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
         metrics = (recorded / "metrics.json").read_json()  # finished; only the record was lost
         ray.tune.report(metrics)
         return metrics, True
+
+    if recorded is not None and (recorded / "metrics.json").is_file():
+        # The evaluation this checkpoint was taken at may never have reached the driver (it was
+        # stopped or killed first): report it again; the result log keeps one row per step.
+        ray.tune.report(json.loads((recorded / "metrics.json").read_text()))
 
     def resume(scratch: Path) -> Path | None:
         if local is not None:
@@ -218,19 +235,13 @@ def _fit_inline(settings, on_final=None) -> tuple[dict, bool]:
         tune_checkpoint = None
         if checkpoint_dir is not None:
             (checkpoint_dir / "metrics.json").write_text(json.dumps(scalars(metrics)))
-            write_manifest(checkpoint_dir)
+            seal_checkpoint(checkpoint_dir)  # the manifest now covers metrics.json too
             tune_checkpoint = ray.tune.Checkpoint.from_directory(str(checkpoint_dir))
         ray.tune.report(metrics, checkpoint=tune_checkpoint)
 
     use_cuda = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
     metrics = run_in_process(settings, report, device=torch.device("cuda" if use_cuda else "cpu"), resume=resume)
     return scalars(metrics), False
-
-
-def write_manifest(checkpoint_dir: Path) -> None:
-    """``manifest.json``: the size of every file of a checkpoint, to tell a complete copy from a partial one."""
-    files = {str(p.relative_to(checkpoint_dir)): p.stat().st_size for p in checkpoint_dir.rglob("*") if p.is_file()}
-    (checkpoint_dir / MANIFEST_FILE).write_text(json.dumps(files))
 
 
 def _checkpoint_uri(checkpoint, trial_location: str) -> str:
@@ -246,7 +257,7 @@ def _checkpoint_step(folder: StoragePath | None) -> int:
         return -1
     try:
         return int((folder / TRAINER_STATE).read_json()["step"])
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return -1
 
 
@@ -254,24 +265,65 @@ def newest_trial_checkpoint(trial_dir: Path | StoragePath) -> tuple[int, Storage
     """The highest-step complete Tune checkpoint in an inline trial's folder (local or remote),
     as (step, location).
 
-    Complete means every file of its manifest is there with its recorded size: a driver
-    killed while Tune was copying a checkpoint leaves a partial folder, which is skipped.
+    Complete means every file of its manifest is there with its recorded size and SHA-256
+    (on remote storage: its size; the copy's checksums are verified when it is loaded): a
+    driver killed while Tune was copying a checkpoint leaves a partial folder, and a folder
+    rewritten in place can hold old and new files side by side; both are skipped (with a
+    warning).
     """
+    place = StoragePath(trial_dir)
+    if not place.is_remote:
+        found = [pair for pair in complete_checkpoints(place.local(), "checkpoint_*") if pair[0] >= 0]
+        step, folder = max(found, key=lambda pair: pair[0]) if found else (None, None)
+        return (step, StoragePath(folder)) if folder is not None else None
+    # Remote storage: sizes against the manifest (the SHA-256 is checked when the copy is loaded).
     best = None
-    for folder in StoragePath(trial_dir).iterdir():
+    for folder in place.iterdir():
         if not folder.name.startswith("checkpoint_"):
             continue
         try:
             manifest = (folder / MANIFEST_FILE).read_json()
-        except (OSError, ValueError):
+            files = manifest["files"] if isinstance(manifest.get("files"), dict) else manifest
+            sizes = {name: entry["size"] if isinstance(entry, dict) else entry for name, entry in files.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
         present = folder.files()
-        if not all(name in present and present[name][0] == size for name, size in manifest.items()):
+        if not all(name in present and present[name][0] == size for name, size in sizes.items()):
+            logger.warning("skipped: checkpoint %s is incomplete (its files differ from its manifest)", folder)
             continue
         step = _checkpoint_step(folder)
         if step >= 0 and (best is None or step > best[0]):
             best = (step, folder)
     return best
+
+
+def _complete(folder: Path) -> bool:
+    from ..run.checkpoint import CheckpointError, verify_checkpoint
+
+    try:
+        verify_checkpoint(folder)
+        return True
+    except CheckpointError as error:
+        logger.warning("Tune's restored checkpoint is not usable: %s", error)
+        return False
+
+
+def skip_existing_checkpoint_names(trial_dir: Path | StoragePath) -> None:
+    """Moves Tune's checkpoint counter of this trial past the ``checkpoint_<index>`` folders there.
+
+    A resumed trial starts counting at the index of the experiment state Tune saved last,
+    which can be behind what the killed run had written; its next checkpoint would then be
+    copied file by file over an existing folder.
+    """
+    from ray.train._internal.session import get_session
+
+    storage = getattr(get_session(), "storage", None)
+    indices = [int(p.name.split("_", 1)[1]) for p in StoragePath(trial_dir).iterdir()
+               if p.name.startswith("checkpoint_") and p.name.split("_", 1)[1].isdigit()]
+    if storage is not None and indices and storage.current_checkpoint_index < max(indices):
+        logger.info("checkpoint index %d -> %d: %s already holds later checkpoints", storage.current_checkpoint_index,
+                    max(indices), trial_dir)
+        storage.current_checkpoint_index = max(indices)
 
 
 def _recorded_final_metrics(run_dir: StoragePath, max_steps: int) -> dict | None:
