@@ -19,6 +19,7 @@ from medalign_platform.data.conversations import load_conversation_dataset
 from medalign_platform.data.metrics import closed_accuracy, normalize_answer
 from medalign_platform.core.student import check_layer, decoder_layers, load_student, visual_grid
 from medalign_platform.synthmed.generator import SYNTHMED_WORDS, ensure_synthmed, pretrain_file
+from medalign_platform.synthmed.probes import probe_student
 
 # Half of SynthMed's default train split for both stages (dense vision pre-training, then the
 # language stage on the pre-training corpus); 300 val images give ~450 closed corpus questions.
@@ -78,6 +79,20 @@ def test_pretrained_model_reloads_with_identical_logits(pretrained, synthmed_dir
         b = again.eval()(**batch).logits
     assert torch.equal(a, b)
     assert processor.tokenizer.unk_token_id not in batch["input_ids"].tolist()
+
+
+@pytest.mark.slow
+def test_the_student_sees_what_the_task_asks(pretrained, synthmed_dir):
+    """Issue #14's eyes: linear probes on the visual tokens the LLM receives read each
+    quadrant's lesion and the lesion count on held-out images (prepare records the same
+    probes on the test images; docs/synthmed.md)."""
+    model, processor = load_student(pretrained)
+    probes = probe_student(model.eval(), processor, synthmed_dir, train_images=2000, test_split="val",
+                           test_images=300)
+    assert probes["method"] == "logistic" and probes["test_images"] == 300
+    assert probes["quadrant"] >= 0.95, probes
+    assert probes["count"] >= 0.85, probes
+    assert probes["contrast"] >= 0.9, probes
 
 
 @pytest.mark.slow
