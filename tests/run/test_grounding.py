@@ -57,35 +57,37 @@ def test_the_answer_read_leaves_the_distillation_tap_capture_alone(tiny_student_
     assert rows.shape[0] == len(random_images) and torch.isfinite(rows).all()
 
 
-def test_tap_keeps_the_prefill_capture_through_decoding(tiny_student_dir, random_images):
+def _prefilled(tiny_student_dir, random_images):
+    """A student, a two-image prompt batch, its answer tap, and a copy of the prompt's capture."""
     model, processor = load_student(tiny_student_dir)
     batch = make_batch(processor, random_images[:2], with_answers=False)
     tap = AnswerAttentionTap(model)
     with torch.no_grad():
         model(**batch)
-        first = [r.clone() for r in tap._rows]
+    return model, batch, tap, torch.stack([r.clone() for r in tap._rows], 1)
+
+
+def test_tap_keeps_the_prefill_capture_through_decoding(tiny_student_dir, random_images):
+    model, batch, tap, first = _prefilled(tiny_student_dir, random_images)
+    with torch.no_grad():
         model.generate(**batch, max_new_tokens=3, do_sample=False)
     rows = tap.pop()
     tap.remove()
     assert rows.shape[0] == 2 and torch.isfinite(rows).all()
-    assert torch.allclose(rows, torch.stack(first, 1), atol=1e-5)   # decoding steps leave it alone
+    assert torch.allclose(rows, first, atol=1e-5)   # decoding steps leave it alone
     with pytest.raises(RuntimeError, match="captured nothing"):
         tap.pop()
 
 
 def test_a_decode_step_that_emits_the_image_token_keeps_the_prefill_capture(tiny_student_dir, random_images):
     # An untrained student can answer with the <image> id; that one-token step is not an image.
-    model, processor = load_student(tiny_student_dir)
-    batch = make_batch(processor, random_images[:2], with_answers=False)
-    tap = AnswerAttentionTap(model)
+    model, _, tap, first = _prefilled(tiny_student_dir, random_images)
     with torch.no_grad():
-        model(**batch)
-        first = [r.clone() for r in tap._rows]
         step = torch.tensor([[image_token_id(model)], [1]])
         model(input_ids=step, attention_mask=torch.ones_like(step))
     rows = tap.pop()
     tap.remove()
-    assert torch.allclose(rows, torch.stack(first, 1), atol=1e-5)
+    assert torch.allclose(rows, first, atol=1e-5)
 
 
 def test_pointing_hit_and_answer_grounding_values():
