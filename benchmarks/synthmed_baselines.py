@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "platform"))
 
+from medalign_platform.tune.ablation_report import correlation  # noqa: E402 - needs the path above
+
 PRESET = "experiment=synthmed_vqa"
 VARIANTS = {
     "LoRA only": ["distill=lora_only"],
@@ -113,21 +115,6 @@ def summary(values: list[float]) -> dict:
         return {"mean": None, "std": None, "n": 0}
     return {"mean": statistics.mean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values)}
-
-
-def correlation(xs: list[float], ys: list[float]) -> dict:
-    """Pearson and Spearman correlation of paired values (None when undefined)."""
-    import numpy as np
-
-    pairs = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None]
-    if len(pairs) < 3:
-        return {"pearson": None, "spearman": None, "n": len(pairs)}
-    x, y = np.array(pairs, dtype=float).T
-    if x.std() == 0 or y.std() == 0:
-        return {"pearson": None, "spearman": None, "n": len(pairs)}
-    rank = lambda v: np.argsort(np.argsort(v)).astype(float)
-    return {"pearson": float(np.corrcoef(x, y)[0, 1]), "spearman": float(np.corrcoef(rank(x), rank(y))[0, 1]),
-            "n": len(pairs)}
 
 
 def fmt(cell: dict, digits: int = 3) -> str:

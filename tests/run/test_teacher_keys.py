@@ -111,6 +111,9 @@ def test_only_teachers_made_of_local_files_are_recorded(tmp_path):
     assert signature("ViT-B-16", None) is None
     a = signature("ViT-B-16", str(weights))
     assert a and a != signature("ViT-L-14", str(weights))  # the architecture is part of it
+    factory = "package.module:build"
+    assert signature("ViT-B-16", str(weights), factory) not in (None, a)   # another builder, another key
+    assert signature("ViT-B-16", str(weights), None) == a
     weights.write_bytes(b"xy")
     assert signature("ViT-B-16", str(weights)) != a
 

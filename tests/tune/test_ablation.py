@@ -21,7 +21,9 @@ from medalign_platform.tune.ablation import (
 )
 from medalign_platform.tune.ablation_report import (
     aggregate,
+    correlation,
     describe,
+    grounding_vs_metric,
     markdown_table,
     summarize_ablation,
     write_outputs,
@@ -88,6 +90,46 @@ def test_aggregation_gives_exact_means_sample_stds_and_counts():
         {"layer": 2, "seed": 1, "status": "RUNNING"}, {"layer": 2, "seed": 2, "status": "ERROR"},
         {"layer": 3, "seed": 2, "status": "TERMINATED"}]}
     assert aggregate(SYNTHETIC, [1, 2, 3], [0, 1, 2], "val/closed_accuracy", mode="min")["best_layer"] == 3
+
+
+def test_correlation_values_ties_and_undefined_cases():
+    assert correlation([1, 2, 3, 4], [2, 4, 6, 8]) == {"pearson": pytest.approx(1.0), "spearman": pytest.approx(1.0),
+                                                      "n": 4}
+    monotone = correlation([1, 2, 3, 10], [1, 2, 3, 4])   # rank-perfect, not linear
+    assert monotone["spearman"] == pytest.approx(1.0) and monotone["pearson"] < 0.95
+    # Ties share their mean rank: ranks of x are (0.5, 0.5, 2), of y (0, 1, 2).
+    tied = correlation([1, 1, 2], [1, 2, 3])
+    assert tied["spearman"] == pytest.approx(float(np.corrcoef([0.5, 0.5, 2], [0, 1, 2])[0, 1]))
+    assert correlation([1, None, 2, float("nan"), 3], [3, 1, 2, 0, 1]) == {
+        "pearson": pytest.approx(-1.0), "spearman": pytest.approx(-1.0), "n": 3}
+    assert correlation([1, 2], [1, 2]) == {"pearson": None, "spearman": None, "n": 2}
+    assert correlation([5, 5, 5], [1, 2, 3])["pearson"] is None
+
+
+def test_grounding_correlations_across_finished_trials_per_split():
+    trials = [record(str(i), 1 + i % 3, i, **{"val/closed_accuracy": acc, "val/grounding_layer": acc * 10,
+                                              "val/grounding": 99.0, "val/grounding_answer": -acc,
+                                              "val/grounding_answer_l10": 1.0, "val/grounding_answer_l2": acc,
+                                              "val/grounding_answer_l1h0": acc, "test/closed_accuracy": acc,
+                                              "test/pointing_answer": 1 - acc})
+              for i, acc in enumerate([0.5, 0.7, 0.6, 0.9])]
+    val, test = grounding_vs_metric(trials, "val/closed_accuracy")
+    assert val["metric"] == "val/closed_accuracy" and val["trials"] == 4
+    # grounding_layer wins over its old name; per-layer reads in layer order; no per-head keys.
+    assert list(val["correlations"]) == ["val/grounding_layer", "val/grounding_answer", "val/grounding_answer_l2",
+                                         "val/grounding_answer_l10"]
+    assert val["correlations"]["val/grounding_layer"]["pearson"] == pytest.approx(1.0)
+    assert val["correlations"]["val/grounding_answer"]["spearman"] == pytest.approx(-1.0)
+    assert val["correlations"]["val/grounding_answer_l10"]["pearson"] is None   # constant
+    assert test["metric"] == "test/closed_accuracy"
+    assert test["correlations"] == {"test/pointing_answer": {"pearson": pytest.approx(-1.0),
+                                                             "spearman": pytest.approx(-1.0), "n": 4}}
+    result = aggregate(trials, [1, 2, 3], [0, 1, 2, 3], "val/closed_accuracy")
+    assert result["grounding_vs_metric"] == [val, test]
+    text = markdown_table(result)
+    assert ("Grounding vs val/closed_accuracy across the 4 finished trials (Pearson / Spearman; the trials differ "
+            "in layer too): val/grounding_layer +1.00 / +1.00, val/grounding_answer -1.00 / -1.00") in text
+    assert "val/grounding_answer_l10 n/a / n/a" in text
 
 
 def test_describe_uses_ddof_1_and_zero_spread_for_one_value():

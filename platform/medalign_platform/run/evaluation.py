@@ -108,7 +108,7 @@ class TargetLookup:
         self._model = model
         if key is None and model is None:
             # Taken before any load: a record's files are the ones as they were when it was loaded.
-            files_signature = signature(teacher.name, teacher.pretrained)
+            files_signature = signature(teacher.name, teacher.pretrained, teacher.factory)
             fields = remembered_key(teacher.cache_dir, files_signature)
             if fields:
                 key = TeacherKey.from_fields(fields)

@@ -43,14 +43,19 @@ def teacher_files(name: str | None, pretrained: str | None) -> list[Path] | None
     return None
 
 
-def signature(name: str | None, pretrained: str | None) -> str | None:
-    """sha256 over what the key was computed from (module docstring); None when not recordable."""
+def signature(name: str | None, pretrained: str | None, factory: str | None = None) -> str | None:
+    """sha256 over what the key was computed from (module docstring); None when not recordable.
+
+    ``factory`` (``teacher.factory``, a teacher built in code from the files) is part of it,
+    so a different builder over the same files never reuses the other's key.
+    """
     from ..core.teacher import _PROMPT_AWARE_VERSION, _TARGETS_VERSION
 
     files = teacher_files(name, pretrained)
     if not files:
         return None
-    parts = [f"{name}|{pretrained}", _TARGETS_VERSION, _PROMPT_AWARE_VERSION]
+    head = f"{name}|{pretrained}" + (f"|factory={factory}" if factory else "")   # unchanged without a factory
+    parts = [head, _TARGETS_VERSION, _PROMPT_AWARE_VERSION]
     for library in _LIBRARIES:
         try:
             parts.append(f"{library}=={metadata.version(library)}")

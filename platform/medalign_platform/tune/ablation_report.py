@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import re
 import shutil
 import statistics
 import uuid
@@ -57,6 +58,65 @@ def describe(values: Sequence[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
 
 
+def _average_ranks(values: Sequence[float]) -> list[float]:
+    """Ranks 0..n-1, tied values sharing the mean of their ranks (as Spearman's rho needs)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for position in range(start, end + 1):
+            ranks[order[position]] = (start + end) / 2
+        start = end + 1
+    return ranks
+
+
+def correlation(xs: Sequence[float | None], ys: Sequence[float | None]) -> dict:
+    """Pearson's r and Spearman's rho of the pairs where both values are numbers.
+
+    Returns:
+        ``pearson``, ``spearman`` (None with fewer than 3 pairs or a constant side) and ``n``.
+    """
+    pairs = [(float(x), float(y)) for x, y in zip(xs, ys, strict=True)
+             if finite_number(x) is not None and finite_number(y) is not None]
+    x, y = [p[0] for p in pairs], [p[1] for p in pairs]
+    if len(pairs) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return {"pearson": None, "spearman": None, "n": len(pairs)}
+    return {"pearson": statistics.correlation(x, y),
+            "spearman": statistics.correlation(_average_ranks(x), _average_ranks(y)), "n": len(pairs)}
+
+
+def grounding_reads(split: str, present: set[str]) -> list[str]:
+    """The grounding measures of ``split`` among the ``present`` metric keys: the distillation
+    layer's (``grounding_layer``, or its old name ``grounding``), the answer position's
+    (``grounding_answer``, ``pointing_answer``) and its per-layer reads (``grounding_answer_l<k>``)."""
+    layer = f"{split}/grounding_layer" if f"{split}/grounding_layer" in present else f"{split}/grounding"
+    per_layer = sorted((k for k in present if re.fullmatch(rf"{re.escape(split)}/grounding_answer_l\d+", k)),
+                       key=lambda k: int(k.rsplit("_l", 1)[1]))
+    return [k for k in (layer, f"{split}/grounding_answer", f"{split}/pointing_answer", *per_layer) if k in present]
+
+
+def grounding_vs_metric(finished: Sequence[dict], metric: str) -> list[dict]:
+    """How each grounding measure correlates with the task metric across the finished trials.
+
+    One block for the metric's split and, when the trials have it, one for the test twin:
+    ``{"metric", "trials", "correlations": {grounding key: correlation(...)}}``. The trials
+    differ in layer (and seed), so this mixes the layer's effect with the grounding's.
+    """
+    present = {k for record in finished for k in record.get("metrics", {})}
+    blocks = []
+    for target in dict.fromkeys([metric, "test/" + metric.split("/", 1)[1]]):
+        if target not in present:
+            continue
+        values = [record["metrics"].get(target) for record in finished]
+        correlations = {key: correlation([record["metrics"].get(key) for record in finished], values)
+                        for key in grounding_reads(target.split("/", 1)[0], present)}
+        blocks.append({"metric": target, "trials": len(finished), "correlations": correlations})
+    return blocks
+
+
 def _cells(records: Sequence[dict], layers: Sequence[int], seeds: Sequence[int]) -> tuple[dict, list[dict], int]:
     """``{(layer, seed): record}`` of finished trials (first by trial id), the missing cells, duplicates."""
     by_cell: dict[tuple, list[dict]] = {}
@@ -91,7 +151,8 @@ def aggregate(records: Sequence[dict], layers: Sequence[int], seeds: Sequence[in
         ``metric``, ``mode``, ``layers``, ``seeds``, ``columns``, ``rows`` (per layer:
         ``layer`` and ``stats[column] = {mean, std, n, values: [{seed, value, trial_id}]}``),
         ``best_layer`` (None if no layer has a value), ``cells`` (expected, finished,
-        ``missing`` cells with their trial status, ``duplicates``).
+        ``missing`` cells with their trial status, ``duplicates``), ``grounding_vs_metric``
+        (:func:`grounding_vs_metric` over the finished cells).
     """
     finished, missing, duplicates = _cells(records, layers, seeds)
     columns = table_columns(metric, list(finished.values()))
@@ -113,6 +174,7 @@ def aggregate(records: Sequence[dict], layers: Sequence[int], seeds: Sequence[in
         "rows": rows, "best_layer": best_layer(rows, metric, mode),
         "cells": {"expected": len(layers) * len(seeds), "finished": len(finished), "missing": missing,
                   "duplicates": duplicates},
+        "grounding_vs_metric": grounding_vs_metric(list(finished.values()), metric),
     }
 
 
@@ -156,7 +218,16 @@ def markdown_table(result: dict) -> str:
     if cells["missing"]:
         missing = ", ".join(f"layer {m['layer']} seed {m['seed']} ({m['status']})" for m in cells["missing"])
         notes.append(f"Incomplete: {missing}.")
+    for block in result.get("grounding_vs_metric", []):
+        reads = [f"{key} {_rho(c['pearson'])} / {_rho(c['spearman'])}" for key, c in block["correlations"].items()]
+        if reads:
+            notes.append(f"Grounding vs {block['metric']} across the {block['trials']} finished trials (Pearson / "
+                         f"Spearman; the trials differ in layer too): " + ", ".join(reads) + ".")
     return "\n".join(lines + notes) + "\n"
+
+
+def _rho(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
 
 
 def write_csv(result: dict, path: Path) -> Path:
