@@ -44,7 +44,7 @@ import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, Union
+from typing import Callable, Protocol, Sequence, Union
 
 import torch
 from PIL import Image
@@ -119,6 +119,13 @@ def image_content_hash(image: ImageLike) -> str:
         raise TypeError(f"image_content_hash: expected PIL.Image, path or bytes, got "
                         f"{type(image).__name__}")
     return h.hexdigest()
+
+
+def _input_reader(teacher) -> Callable:
+    """What turns an image of the request into the teacher's input: the teacher's own
+    ``open_input`` when it has one (SynthMed's oracle reads the label mask next to the image
+    file), else :func:`_open_image`."""
+    return getattr(teacher, "open_input", None) or _open_image
 
 
 def _open_image(image: ImageLike) -> Image.Image:
@@ -362,9 +369,7 @@ class TargetCache:
     def _compute(self, teacher: _Teacher, images: list[ImageLike], batch_size: int
                  ) -> list[tuple[Tensor, Tensor]]:
         results = []
-        # A teacher that reads something other than the decoded image (e.g. SynthMed's
-        # oracle: the label mask next to the image file) opens its inputs itself.
-        open_input = getattr(teacher, "open_input", None) or _open_image
+        open_input = _input_reader(teacher)
         for start in range(0, len(images), batch_size):
             batch = [open_input(image) for image in images[start:start + batch_size]]
             out = teacher.encode_images(batch)
@@ -478,7 +483,7 @@ class TargetCache:
                               batch_size: int) -> list[Tensor]:
         h, w = teacher.grid
         results = []
-        open_input = getattr(teacher, "open_input", None) or _open_image
+        open_input = _input_reader(teacher)
         for start in range(0, len(images), batch_size):
             batch = [open_input(image) for image in images[start:start + batch_size]]
             maps = teacher.encode_prompt_aware(batch, questions[start:start + batch_size])

@@ -168,13 +168,11 @@ class TargetLookup:
     def encode_prompt_aware(self, images, questions, batch_size: int | None = None):
         return self.teacher.encode_prompt_aware(images, questions, batch_size)
 
-    def open_input(self, image):
-        """What the teacher encodes for an image file: the teacher's own reader when it has one
-        (the SynthMed oracle reads the label mask beside the image), else the decoded image."""
-        from ..core.target_cache import _open_image
-
-        reader = getattr(self.teacher, "open_input", None)
-        return reader(image) if reader is not None else _open_image(image)
+    @property
+    def open_input(self):
+        """The teacher's own input reader, or None (the cache then decodes the image); read on a
+        cache miss only, when the teacher is loaded anyway."""
+        return getattr(self.teacher, "open_input", None)
 
     def _hash(self, path) -> str:
         from ..core.target_cache import image_content_hash
