@@ -8,7 +8,16 @@ STAMP  := $(VENV)/.installed
 .PHONY: demo test test-fast install clean bench system-deps
 
 # The stamp is rebuilt whenever the project's dependency list changes.
+# pip's torch 2.14.1 is a CUDA build: the venv takes about 5.5 GB. CI's last failed try ran out of
+# disk in this step (`No space left on device` from pip), so say up front what is free and where.
+VENV_GB := 6
 $(STAMP): pyproject.toml
+	@d=$(VENV); while [ ! -d "$$d" ]; do d=$$(dirname "$$d"); done; \
+	free=$$(df -Pk "$$d" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ -n "$$free" ] && [ "$$free" -lt $(VENV_GB) ] && [ ! -x $(PY) ]; then \
+		echo "make: $(VENV) needs about $(VENV_GB) GB (torch's CUDA wheels) and $$d has $$free GB free: free disk space there, or set VENV=<a folder on a larger disk>" >&2; \
+		exit 1; \
+	fi
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned, so pip takes the local wheels instead of resolving a download.
