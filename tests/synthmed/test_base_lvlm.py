@@ -154,8 +154,8 @@ def test_the_oracle_lifts_task_accuracy_over_lora_only(pretrained, synthmed_dir,
     # Both runs name the oracle teacher (LoRA only has both loss weights 0, so its targets are
     # never used): the runs differ in the loss weights alone.
     common = ["experiment=synthmed_vqa", "teacher=synthmed_oracle", "trainer.seed=0", "trainer.eval_every=0", "trainer.num_threads=1",
-              f"data.val={tmp_path / 'fixed.json'}", f"data.test={tmp_path / 'fixed.json'}", "trainer.val_size=0",
-              "trainer.test_size=0"]
+              f"data.val={tmp_path / 'fixed.json'}", f"data.test={tmp_path / 'fixed.json'}",
+              "trainer.val_size=1", "trainer.test_size=0"]   # scored once, as the test split, in full
     closed = {}
     for name, variant in (("lora", ["distill=lora_only"]), ("oracle", [])):
         config = compose_config([*common, *variant])
