@@ -147,14 +147,15 @@ def test_the_oracle_lifts_task_accuracy_over_lora_only(pretrained, synthmed_dir,
     images = sorted({item["image"] for item in val})[:CONTROL_VAL_IMAGES]
     fixed = [item for item in val if item["image"] in set(images)]
     (tmp_path / "fixed.json").write_text(json.dumps(fixed))
+    # (No expert CLIP is built here: both runs name the oracle, so `teacher` is only a placeholder.)
     record = {"data": str(synthmed_dir), "student": str(pretrained), "teacher": str(pretrained),
               "cache": str(cache / "synthmed")}
     (cache / "synthmed" / RECORD_FILE).write_text(json.dumps(record))
     monkeypatch.setenv("MEDALIGN_CACHE", str(cache))
     # Both runs name the oracle teacher (LoRA only has both loss weights 0, so its targets are
     # never used): the runs differ in the loss weights alone.
-    common = ["experiment=synthmed_vqa", "teacher=synthmed_oracle", "trainer.seed=0", "trainer.eval_every=0", "trainer.num_threads=1",
-              f"data.val={tmp_path / 'fixed.json'}", f"data.test={tmp_path / 'fixed.json'}",
+    common = ["experiment=synthmed_vqa", "teacher=synthmed_oracle", "trainer.seed=0", "trainer.eval_every=0",
+              "trainer.num_threads=1", f"data.val={tmp_path / 'fixed.json'}", f"data.test={tmp_path / 'fixed.json'}",
               "trainer.val_size=1", "trainer.test_size=0"]   # scored once, as the test split, in full
     closed = {}
     for name, variant in (("lora", ["distill=lora_only"]), ("oracle", [])):
