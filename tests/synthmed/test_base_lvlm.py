@@ -144,8 +144,8 @@ def test_the_oracle_lifts_task_accuracy_over_lora_only(pretrained, synthmed_dir,
     cache = tmp_path / "cache"
     (cache / "synthmed").mkdir(parents=True)
     val = json.loads((synthmed_dir / "val.json").read_text())
-    images = sorted({item["image"] for item in val})[:CONTROL_VAL_IMAGES]
-    fixed = [item for item in val if item["image"] in set(images)]
+    images = set(sorted({item["image"] for item in val})[:CONTROL_VAL_IMAGES])
+    fixed = [item for item in val if item["image"] in images]
     (tmp_path / "fixed.json").write_text(json.dumps(fixed))
     # (No expert CLIP is built here: both runs name the oracle, so `teacher` is only a placeholder.)
     record = {"data": str(synthmed_dir), "student": str(pretrained), "teacher": str(pretrained),
