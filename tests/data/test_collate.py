@@ -195,3 +195,39 @@ def test_generate_answers_is_greedy_ordered_and_batch_independent(student, items
     expected = processor.tokenizer.decode([first], skip_special_tokens=True).strip()
     # (startswith: punctuation and digit tokens decode without a space between them)
     assert one[0].startswith(expected) or (not expected and one[0] == "")
+
+
+class _CountingImages:
+    """Wraps a processor's image processor and counts the images it processes."""
+
+    def __init__(self, inner):
+        self.inner, self.images = inner, 0
+
+    def __call__(self, images, *args, **kwargs):
+        self.images += len(images)
+        return self.inner(images, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_training_batches_process_each_image_once_with_the_same_ids(student, items, monkeypatch):
+    """The answers' pass reuses the prompts' processed images (the processor's own
+    ``replace_image_token`` expansion, then the tokenizer alone), and a processor whose
+    expansion cannot be reproduced goes through the processor again: same batch both ways."""
+    _, processor = student
+    counting = _CountingImages(processor.image_processor)
+    monkeypatch.setattr(processor, "image_processor", counting)
+    once, meta = StudentCollator(processor)(items)
+    assert counting.images == len(items)
+
+    # The fallback: no usable replacement hook, so both passes run the full processor.
+    def unusable(*args, **kwargs):
+        raise NotImplementedError
+
+    monkeypatch.setattr(processor, "replace_image_token", unusable)
+    twice, meta_twice = StudentCollator(processor)(items)
+    assert counting.images == 3 * len(items)
+    assert once.keys() == twice.keys() and vars(meta) == vars(meta_twice)
+    for key in once:
+        assert torch.equal(once[key], twice[key]), key

@@ -190,14 +190,39 @@ class StudentCollator:
 
     # ------------------------------------------------------------------ encoding
 
-    def _encode(self, images: list[Image.Image], texts: list[str]) -> tuple[list[list[int]], torch.Tensor]:
+    def _encode(self, images: list[Image.Image], texts: list[str]) -> tuple[list[list[int]], torch.Tensor, Any]:
         encoded = self.processor(images=images, text=texts, padding=False)
         pixel_values = encoded["pixel_values"]
         if isinstance(pixel_values, torch.Tensor):
             pixels = pixel_values
         else:
             pixels = torch.stack([torch.as_tensor(np.asarray(p)) for p in pixel_values])
-        return _ids_list(encoded["input_ids"]), pixels.to(torch.float32)
+        return _ids_list(encoded["input_ids"]), pixels.to(torch.float32), encoded
+
+    def _encode_again(self, encoded, images: list[Image.Image], prompts: list[str], prompt_ids: list[list[int]],
+                      texts: list[str]) -> list[list[int]]:
+        """Token ids of ``texts`` (the prompts + answers) for images the processor has already seen.
+
+        Image processing is most of a processor call (and all of it is repeated by a second
+        call), so the answers' pass expands the image placeholder with the processor's own
+        replacement for each processed image (``replace_image_token``, transformers' hook for
+        that) and runs the tokenizer alone. The same expansion of the prompts must give the
+        processor's prompt ids exactly, else (a processor that does more than this to the
+        text) the texts go through the processor again, images included.
+        """
+        image_token = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
+        try:
+            replacements = [self.processor.replace_image_token(encoded, image_idx=i) for i in range(len(images))]
+        except (AttributeError, NotImplementedError, KeyError, IndexError, TypeError):
+            replacements = None
+        if replacements is not None and all(text.count(image_token) == 1 for text in (*prompts, *texts)):
+            def expand(batch: list[str]) -> list[list[int]]:
+                expanded = [text.replace(image_token, r) for text, r in zip(batch, replacements)]
+                return _ids_list(self.tokenizer(expanded, padding=False)["input_ids"])
+
+            if expand(prompts) == prompt_ids:
+                return expand(texts)
+        return self._encode(images, texts)[0]
 
     def _strip_auto_eos(self, ids: list[int]) -> list[int]:
         # Tokenizers set to append EOS themselves (add_eos_token=True) would put one after the
@@ -216,7 +241,8 @@ class StudentCollator:
                 raise KeyError(f"sample {key!r} has no 'answer' string; use with_answers=False for prompts only")
         images = [_as_image(item, key) for key, item in zip(keys, items)]
         prompts = [render_prompt(item["question"], self.processor, self.prompt_template) for item in items]
-        prompt_ids, pixel_values = self._encode(images, prompts)
+        prompt_ids, pixel_values, encoded = self._encode(images, prompts)
+        raw_prompt_ids = prompt_ids
         prompt_ids = [self._strip_auto_eos(ids) for ids in prompt_ids]
         for key, ids in zip(keys, prompt_ids):
             if self.image_token_id not in ids:
@@ -224,8 +250,8 @@ class StudentCollator:
                                  f"{self.image_token_id}) into the prompt; use the student's own LlavaProcessor")
         if self.with_answers:
             answers = [" ".join(item["answer"].split()) for item in items]
-            full_ids, pixel_values = self._encode(
-                images, [f"{p}{answer_separator(p)}{a}" for p, a in zip(prompts, answers)])
+            full_ids = self._encode_again(encoded, images, prompts, raw_prompt_ids,
+                                          [f"{p}{answer_separator(p)}{a}" for p, a in zip(prompts, answers)])
             full_ids = [self._strip_auto_eos(ids) + [int(self.eos_token_id)] for ids in full_ids]
         else:
             full_ids = prompt_ids
