@@ -32,12 +32,12 @@ NO_RAY_DASHBOARD = "ray.include_dashboard=false"
 # being left alone with one at the end. Without --no-loadscope-reorder xdist ignores this order
 # and hands out the modules with the most tests first.
 HEAVY_FIRST = [
-    "synthmed/test_base_lvlm.py", "synthmed/test_expert_clip.py", "tune/test_sweep.py", "tune/test_chaos.py",
-    "tune/test_sweep_outcomes.py", "run/test_real_models_e2e.py", "benchmarks/test_gpu_check.py",
-    "tune/test_multinode.py", "tune/test_shared_storage.py", "run/test_ray_train.py", "tune/test_results.py",
-    "run/test_pipeline_in_ray.py", "run/test_acceleration.py", "run/test_remote_run.py", "tune/test_ablation.py",
-    "run/test_real_data_train.py", "run/test_preflight.py", "run/test_network.py", "benchmarks/test_loop_bench.py",
-    "benchmarks/test_step_bench.py",
+    "synthmed/test_prepared_build.py", "tune/test_sweep.py", "tune/test_chaos.py", "tune/test_sweep_outcomes.py",
+    "run/test_real_models_e2e.py", "tune/test_multinode.py", "benchmarks/test_gpu_check.py", "run/test_ray_train.py",
+    "tune/test_shared_storage.py", "tune/test_results.py", "run/test_pipeline_in_ray.py", "run/test_remote_run.py",
+    "run/test_real_data_train.py", "tune/test_ablation.py", "synthmed/test_expert_clip.py", "run/test_acceleration.py",
+    "run/test_network.py", "benchmarks/test_loop_bench.py", "synthmed/test_base_lvlm.py", "benchmarks/test_step_bench.py",
+    "run/test_preflight.py",
 ]
 
 

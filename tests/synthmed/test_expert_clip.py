@@ -1,9 +1,10 @@
-"""Tiny trained expert CLIP: loss, determinism, checkpoint round trip, quality thresholds."""
+"""Tiny trained expert CLIP: loss, determinism, checkpoint round trip.
+
+Its quality thresholds are checked on a real `medalign prepare` build: test_prepared_build.py."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import open_clip
 import pytest
@@ -13,11 +14,9 @@ from PIL import Image
 from medalign_platform.synthmed.expert_clip import (
     EXPERT_CLIP_ARCH,
     clip_loss,
-    evaluate_expert_clip,
     fit_expert_clip,
     load_report_pairs,
     save_expert_clip,
-    train_expert_clip,
 )
 from medalign_platform.synthmed.generator import ensure_synthmed
 from medalign_platform.synthmed.tiny_teacher import tiny_teacher_config
@@ -28,9 +27,10 @@ SHORT_STEPS = 20
 
 @pytest.fixture(scope="module")
 def synthmed_dir(tmp_path_factory):
-    """SynthMed at its default sizes (5000/500/500 images, ~10 s)."""
+    """A small SynthMed: the short runs see a few batches (the default build's retrieval and
+    grounding are checked on a real `medalign prepare` build, test_prepared_build.py)."""
     root = tmp_path_factory.mktemp("expert_clip") / "synthmed"
-    ensure_synthmed(root, progress=False)
+    ensure_synthmed(root, n_train=400, n_val=40, n_test=100, progress=False)
     return root
 
 
@@ -89,8 +89,8 @@ def test_clip_loss_with_shared_reports_matches_manual():
 
 def test_report_pairs_one_per_image(synthmed_dir):
     pairs = load_report_pairs(synthmed_dir, "test")
-    assert len(pairs) == 500
-    assert len({p["image"] for p in pairs}) == 500
+    assert len(pairs) == 100
+    assert len({p["image"] for p in pairs}) == 100
     assert pairs[0]["report"].endswith(".")
     assert all(p["mask"].is_file() for p in pairs[:5])
 
@@ -134,21 +134,3 @@ def test_checkpoint_round_trip_through_load_teacher(synthmed_dir, short_run, tmp
     assert torch.equal(loaded.encode_questions(reports), in_memory.encode_questions(reports))
     # The saved tokenizer keeps whole two-lesion reports (<= 34 tokens with SOT/EOT).
     assert loaded.tokenizer.context_length >= 34
-
-
-@pytest.mark.slow
-def test_full_training_meets_retrieval_and_grounding_thresholds(synthmed_dir, tmp_path):
-    start = time.perf_counter()
-    out = train_expert_clip(synthmed_dir, tmp_path / "expert", progress=False)
-    wall = time.perf_counter() - start
-    info = json.loads((out / "training.json").read_text())
-    result = evaluate_expert_clip(out, synthmed_dir, n_pairs=200)
-    print(f"\nexpert CLIP: wall {wall:.1f} s (train {info['train_seconds']} s), "
-          f"final loss {info['final_loss']:.3f}, {result}")
-    assert result["n_pairs"] == 200
-    assert result["n_lesion_images"] > 50
-    # SynthMed v2 reports name up to three lesions with three attributes each: seed 0's build
-    # scores 0.435 (v1: 0.60-0.635 over seeds), docs/synthmed.md.
-    assert result["r_at_1"] >= 0.4
-    assert result["r_at_1_index"] <= result["r_at_1"]
-    assert result["attention_lift"] >= 3.0
