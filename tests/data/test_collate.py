@@ -221,13 +221,14 @@ def test_training_batches_process_each_image_once_with_the_same_ids(student, ite
     once, meta = StudentCollator(processor)(items)
     assert counting.images == len(items)
 
-    # The fallback: no usable replacement hook, so both passes run the full processor.
-    def unusable(*args, **kwargs):
-        raise NotImplementedError
-
-    monkeypatch.setattr(processor, "replace_image_token", unusable)
-    twice, meta_twice = StudentCollator(processor)(items)
-    assert counting.images == 3 * len(items)
-    assert once.keys() == twice.keys() and vars(meta) == vars(meta_twice)
-    for key in once:
-        assert torch.equal(once[key], twice[key]), key
+    # The fallbacks: no usable replacement hook, or one whose expansion does not reproduce the
+    # processor's prompt ids: both passes then run the full processor.
+    for replacements in (lambda encoded, count: None,
+                         lambda encoded, count: [processor.image_token * 3] * count):
+        monkeypatch.setattr(StudentCollator, "_image_replacements", staticmethod(replacements))
+        counting.images = len(items)
+        twice, meta_twice = StudentCollator(processor)(items)
+        assert counting.images == 3 * len(items)
+        assert once.keys() == twice.keys() and vars(meta) == vars(meta_twice)
+        for key in once:
+            assert torch.equal(once[key], twice[key]), key

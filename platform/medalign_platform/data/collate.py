@@ -211,10 +211,7 @@ class StudentCollator:
         text) the texts go through the processor again, images included.
         """
         image_token = getattr(self.processor, "image_token", IMAGE_PLACEHOLDER)
-        try:
-            replacements = [self.processor.replace_image_token(encoded, image_idx=i) for i in range(len(images))]
-        except (AttributeError, NotImplementedError, KeyError, IndexError, TypeError):
-            replacements = None
+        replacements = self._image_replacements(encoded, len(images))
         if replacements is not None and all(text.count(image_token) == 1 for text in (*prompts, *texts)):
             def expand(batch: list[str]) -> list[list[int]]:
                 expanded = [text.replace(image_token, r) for text, r in zip(batch, replacements)]
@@ -223,6 +220,13 @@ class StudentCollator:
             if expand(prompts) == prompt_ids:
                 return expand(texts)
         return self._encode(images, texts)[0]
+
+    def _image_replacements(self, encoded, count: int) -> list[str] | None:
+        """The processor's text for each of ``count`` processed images, or None if it has no such hook."""
+        try:
+            return [self.processor.replace_image_token(encoded, image_idx=i) for i in range(count)]
+        except (AttributeError, NotImplementedError, KeyError, IndexError, TypeError):
+            return None
 
     def _strip_auto_eos(self, ids: list[int]) -> list[int]:
         # Tokenizers set to append EOS themselves (add_eos_token=True) would put one after the
