@@ -340,3 +340,46 @@ def test_status_of_a_running_sweep(sweep, tmp_path):
     assert len([p for p in (copy / "tensorboard").iterdir() if p.is_dir()]) == len(rows)
     assert [r["trial_id"] for r in again["leaderboard"]] == [r["trial_id"] for r in result["leaderboard"][:2]]
     assert "(2 more trial(s) in leaderboard.csv)" in (copy / "results" / "leaderboard.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_sweep_keeps_a_whole_copy_of_tunes_state_for_resume(sweep):
+    """A real sweep's folder holds ``.tune_state.zip`` (tune/state_backup.py): Tune's state
+    files read whole and name every trial, so a kill during Tune's own copy cannot cost a resume."""
+    import zipfile
+
+    from medalign_platform.tune.state_backup import ARCHIVE, reads_whole, state_files
+
+    with zipfile.ZipFile(sweep["dir"] / ARCHIVE) as archive:
+        contents = {name: archive.read(name) for name in archive.namelist()}
+    assert sorted(contents) == [p.name for p in state_files(sweep["dir"])]
+    assert all(reads_whole(data) for data in contents.values())
+    state = next(json.loads(data) for name, data in contents.items() if name.startswith("experiment_state-"))
+    archived = {json.loads(entry[0])["trial_id"] for entry in state["trial_data"]}
+    assert archived == set(sweep["records"])
+
+
+@pytest.mark.slow
+def test_a_resume_after_a_kill_during_tunes_state_copy_continues_from_the_archive(sweep, tmp_path):
+    """The CI failure this guards against: a driver killed while Tune copied its state left
+    both JSON state files empty, and ``resume=true`` ended in "no search space has been
+    defined". With the archive, the resumed sweep knows its 4 finished trials and runs none again."""
+    import ray
+    from medalign_platform.tune.driver import run_sweep
+    from medalign_platform.tune.state_backup import state_files
+    from synthmed_fixtures import mini_synthmed_env
+
+    copy = tmp_path / "sweeps" / sweep["dir"].name
+    shutil.copytree(sweep["dir"], copy)
+    emptied = [p for p in state_files(copy) if p.name.endswith(".json")]
+    for path in emptied:
+        path.write_bytes(b"")
+    with mini_synthmed_env(tmp_path / "cache"):
+        try:
+            summary = run_sweep([*SWEEP, f"sweep.output_dir={tmp_path / 'sweeps'}", "resume=true"])
+        finally:
+            ray.shutdown()
+    assert summary["resumed"] and summary["trials"] == {"TERMINATED": 4}, summary
+    records = json.loads((copy / "summary.json").read_text())["records"]
+    assert {r["trial_id"] for r in records} == set(sweep["records"])   # no trial started again
+    assert all(path.stat().st_size > 0 for path in emptied)

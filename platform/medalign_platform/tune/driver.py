@@ -152,6 +152,10 @@ def run_sweep(request: SweepRequest | Sequence[str], prepared: tuple | None = No
                           f"or a new sweep.name")
     if plan.resume and restorable:
         check_private(str(location))  # resume unpickles Tune's state files from this folder
+        if not location.is_remote:
+            from .state_backup import repair_tune_state
+
+            repair_tune_state(location.local())  # a kill during Tune's copy of its state
         spec = load_spec(location)
         if spec["search_space"] != space.to_dict() or spec["config_overrides"] != plan.config_overrides:
             logger.warning("resume: continuing %s with its recorded search space and config; the search space "
@@ -299,8 +303,11 @@ def tune_verbosity(verbose: int) -> int:
 def _callbacks(plan: SweepPlan, space: SearchSpace, concurrency: int, study, location: StoragePath) -> list:
     from .progress import SweepProgress
     from .result_log import StudyLink, TrialErrors, TrialResultLog
+    from .state_backup import TuneStateBackup
 
     callbacks = [TrialResultLog(), StudyLink(study, plan.name, plan.metrics), TrialErrors(str(location))]
+    if not location.is_remote:
+        callbacks.append(TuneStateBackup(str(location.local())))
     if plan.verbose == 1:
         callbacks.append(SweepProgress(
             name=plan.name, experiment_dir=str(location),

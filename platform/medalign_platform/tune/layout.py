@@ -10,6 +10,7 @@
         driver.log            what the driver's libraries logged (Ray, Tune, Optuna), when the console is quiet
         optuna.db             the Optuna study (SQLite; study name = sweep name)
         experiment_state-*    Ray Tune's own state (Tuner.restore)
+        .tune_state.zip       the last whole copy of Tune's state files (tune/state_backup.py; local folders)
         trial_<id>/           one folder per Tune trial:
             final.json            its final metrics and timings
             result.json           one JSON line per evaluation Tune received (append-only across resumes)
