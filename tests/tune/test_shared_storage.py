@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -148,6 +149,16 @@ def test_resume_refuses_a_folder_others_can_write(tmp_path):
     with pytest.raises(ConfigError, match=r"resume=true refused: .*tuner.pkl can be written by other users .*"
                                           r"unpickles Tune's state files.*chmod -R go-w"):
         check_private(folder)
+    os.chmod(folder / "tuner.pkl", 0o600)
+    # Also unpickled on resume: Tune's searcher-generator state (a pickle under a .json name)
+    # and the archived copy of the state that resume may put back (tune/state_backup.py).
+    for name in ("search_gen_state-2026-12-01_06-38-18.json", ".tune_state.zip"):
+        (folder / name).write_bytes(b"x")
+        check_private(folder)
+        os.chmod(folder / name, 0o666)
+        with pytest.raises(ConfigError, match=rf"resume=true refused: .*{re.escape(name)} can be written by other"):
+            check_private(folder)
+        os.chmod(folder / name, 0o600)
 
 
 def test_layer_ablation_refuses_an_object_store_folder():

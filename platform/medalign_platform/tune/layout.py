@@ -53,6 +53,10 @@ STUDY_FILE = "optuna.db"
 TRAIN_RUN_NAME = "train"      # the Ray Train run's folder inside each trial folder
 MANIFEST_FILE = "manifest.json"  # size and SHA-256 of every file of a checkpoint (run/checkpoint.py)
 META_KEY = "_sweep"           # reserved top-level key of a trial config: experiment dir, executor, rules
+# Ray Tune's state files at the top of the folder (Tuner.restore reads them; the last two are
+# pickles, search_gen_state-* under a .json name) and their last whole copy (tune/state_backup.py).
+TUNE_STATE_PREFIXES = ("experiment_state-", "search_gen_state-", "searcher-state-")
+TUNE_STATE_ARCHIVE = ".tune_state.zip"
 
 
 def trial_dirname(trial) -> str:
@@ -128,8 +132,9 @@ def make_private(folder: Path) -> None:
 def check_private(folder: str | Path) -> None:
     """Refuses to resume from a local experiment folder that other users may write to.
 
-    Tune's experiment state (``tuner.pkl``, ``searcher-state-*.pkl``, ...) is unpickled on
-    resume: a file someone else could replace would run their code as you.
+    Tune's experiment state (``tuner.pkl``, ``searcher-state-*.pkl``, ``search_gen_state-*.json``,
+    and their copy in ``.tune_state.zip`` that resume may put back) is unpickled on resume: a
+    file someone else could replace would run their code as you.
 
     Raises:
         ConfigError: the folder (or a state file in it) is group/world-writable or not yours.
@@ -137,7 +142,8 @@ def check_private(folder: str | Path) -> None:
     if is_uri(folder):
         return
     root = Path(folder)
-    for path in [root, *sorted(root.glob("*.pkl")), *sorted(root.glob("experiment_state-*.json"))]:
+    state = [p for p in root.iterdir() if p.name.startswith(TUNE_STATE_PREFIXES) or p.name == TUNE_STATE_ARCHIVE]
+    for path in [root, *sorted({*root.glob("*.pkl"), *state})]:
         info = path.stat()
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or (hasattr(os, "geteuid") and info.st_uid != os.geteuid()):
             raise ConfigError(

@@ -33,11 +33,11 @@ from ray.tune import Callback
 
 from ..common.atomic import replaced_atomically
 from ..common.errors import ConfigError
+from .layout import TUNE_STATE_ARCHIVE, TUNE_STATE_PREFIXES
 
 logger = logging.getLogger(__name__)
 
-STATE_PREFIXES = ("experiment_state-", "search_gen_state-", "searcher-state-")
-ARCHIVE = ".tune_state.zip"
+STATE_PREFIXES, ARCHIVE = TUNE_STATE_PREFIXES, TUNE_STATE_ARCHIVE
 
 
 def state_files(folder: Path) -> list[Path]:
